@@ -1,0 +1,210 @@
+"""Adapter base class: structure of a VLM (text layers, vision layers) and image-token location.
+
+An adapter is built for one loaded model. It never changes the model; the session asks it
+where things are. Family files override `locate_sample` (and `capture_meta` when the model's
+image-feature call carries what the layout needs, e.g. LLaVA-NeXT's `image_sizes`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LayoutError, UnsupportedModelError
+from ..layout import ImageLayout, Layout, SampleLayout, View, grid_boxes
+from ..registry import adapter_registry
+
+
+@dataclass
+class ImageMeta:
+    """What the image-feature call of one forward told us, per image in batch order."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default=None):
+        return self.values.get(key, default)
+
+
+def runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """Split sorted positions into maximal runs of consecutive integers: [(start, length), ...]."""
+    if positions.numel() == 0:
+        return []
+    p = positions.tolist()
+    out, start, prev = [], p[0], p[0]
+    for x in p[1:]:
+        if x != prev + 1:
+            out.append((start, prev - start + 1))
+            start = x
+        prev = x
+    out.append((start, prev - start + 1))
+    return out
+
+
+class Adapter:
+    """Base adapter. Subclasses set `model_types` through `@register_adapter` and implement `locate_sample`."""
+
+    model_types: tuple[str, ...] = ()
+    text_config_key = "text_config"
+    vision_config_key = "vision_config"
+    #: image-feature kwargs copied (to CPU) into ImageMeta when the model encodes images
+    meta_keys: tuple[str, ...] = ()
+    #: first decoder layer whose input may be shortened by token dropping (Qwen3-VL's DeepStack adds later)
+    min_drop_layer = 1
+
+    def __init__(self, model: nn.Module, processor: Any = None):
+        self.model = model
+        self.config = model.config
+        self.processor = processor
+        self.text_config = getattr(self.config, self.text_config_key, None) or self.config.get_text_config(decoder=True)
+        tid = getattr(self.config, "image_token_id", None)
+        if tid is None:
+            tid = getattr(self.config, "image_token_index", None)
+        if tid is None:
+            raise UnsupportedModelError(f"{type(model).__name__}: config has no image_token_id / image_token_index")
+        self.image_token_id = int(tid)
+        self._text_attn = None
+        self._layers = None
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def base_model(self) -> nn.Module:
+        """The module whose `get_image_features` both forward() and generate() call."""
+        return self.model.base_model if hasattr(self.model, "base_model") else self.model
+
+    def text_attention_modules(self) -> list[nn.Module]:
+        """The decoder's self-attention modules, indexed by their `layer_idx`."""
+        if self._text_attn is None:
+            found = {}
+            for m in self.model.modules():
+                li = getattr(m, "layer_idx", None)
+                if li is not None and getattr(m, "config", None) is self.text_config and hasattr(m, "q_proj"):
+                    found[int(li)] = m
+            if not found:
+                raise UnsupportedModelError(f"{type(self.model).__name__}: no text attention modules with layer_idx found")
+            self._text_attn = [found[i] for i in sorted(found)]
+        return self._text_attn
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers (parents of the text attention modules), in order."""
+        if self._layers is None:
+            attn = set(map(id, self.text_attention_modules()))
+            layers = {}
+            for m in self.model.modules():
+                sa = getattr(m, "self_attn", None)
+                if sa is not None and id(sa) in attn:
+                    layers[int(sa.layer_idx)] = m
+            self._layers = [layers[i] for i in sorted(layers)]
+        return self._layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.text_attention_modules())
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    def vision_attention_modules(self) -> list[nn.Module]:
+        """Self-attention modules of the vision tower, in forward order."""
+        vcfg = getattr(self.config, self.vision_config_key, None)
+        out = []
+        for m in self.model.modules():
+            if m is not self and getattr(m, "config", None) is vcfg and hasattr(m, "is_causal") and getattr(m, "layer_idx", None) is None:
+                if any(hasattr(m, a) for a in ("q_proj", "qkv", "k_proj")):
+                    out.append(m)
+        return out
+
+    # ------------------------------------------------------------------ images
+    def capture_meta(self, bound: dict[str, Any]) -> ImageMeta:
+        """Copy what the layout needs from the image-feature call's arguments."""
+        vals = {}
+        for k in self.meta_keys:
+            v = bound.get(k)
+            if isinstance(v, torch.Tensor):
+                v = v.detach().cpu()
+            vals[k] = v
+        pv = bound.get("pixel_values")
+        if isinstance(pv, torch.Tensor):
+            vals["pixel_shape"] = tuple(pv.shape)
+        return ImageMeta(vals)
+
+    def locate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        meta: ImageMeta | None,
+        sizes: list[list[tuple[int, int]]] | None = None,
+    ) -> Layout:
+        """Layout of a batch. `sizes` gives the original (width, height) per sample per image if known."""
+        ids = input_ids.detach().cpu()
+        am = attention_mask.detach().cpu() if attention_mask is not None and attention_mask.dim() == 2 else None
+        B, L = ids.shape
+        counter = _ImageCounter()
+        samples = []
+        for b in range(B):
+            real = torch.nonzero(am[b]).flatten() if am is not None else torch.arange(L)
+            first, last = (int(real[0]), int(real[-1])) if real.numel() else (0, L - 1)
+            pos = torch.nonzero(ids[b] == self.image_token_id).flatten()
+            images = self.locate_sample(ids[b], pos, meta, counter) if pos.numel() else []
+            if sizes is not None and b < len(sizes):
+                for im, sz in zip(images, sizes[b]):
+                    self.to_original(im, tuple(int(x) for x in sz))
+            samples.append(SampleLayout(images=images, seq_len=L, first_real=first, last_real=last))
+        return Layout(samples)
+
+    def locate_sample(self, ids: torch.Tensor, pos: torch.Tensor, meta: ImageMeta | None, counter: "_ImageCounter") -> list[ImageLayout]:
+        raise NotImplementedError  # pragma: no cover - every registered adapter overrides it
+
+    def to_original(self, image: ImageLayout, size: tuple[int, int]) -> None:
+        """Rescale boxes from the processed frame to the original (width, height). Default: the model
+        input is the whole image resized (no crop, no pad); families with crops or pads override."""
+        W, H = size
+        image.size = (W, H)
+        for v in image.views:
+            if v.boxes is None or v.frame == "original":
+                continue
+            pw, ph = self.processed_size(image, v)
+            scale = torch.tensor([W / pw, H / ph, W / pw, H / ph])
+            v.boxes = v.boxes * scale
+            v.frame = "original"
+
+    def processed_size(self, image: ImageLayout, view: View) -> tuple[float, float]:
+        """(width, height) of the processed frame the view's boxes are in."""
+        return image.processed_size
+
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def square_view(name: str, positions: torch.Tensor, side_px: float, frame_w: float | None = None, frame_h: float | None = None) -> View:
+        n = positions.numel()
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise LayoutError(f"{n} image tokens do not form a square grid")
+        fw = side_px if frame_w is None else frame_w
+        fh = side_px if frame_h is None else frame_h
+        return View(name, side, side, positions, grid_boxes(side, side, 0, 0, fw, fh))
+
+
+class _ImageCounter:
+    """Running index of images across a batch (image-feature args are flat over the batch)."""
+
+    def __init__(self) -> None:
+        self.i = 0
+
+    def next(self) -> int:
+        i = self.i
+        self.i += 1
+        return i
+
+
+def get_adapter(model: nn.Module, processor: Any = None) -> Adapter:
+    """The adapter for `model`, or UnsupportedModelError naming the supported model types."""
+    reg = adapter_registry()
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in reg:
+        raise UnsupportedModelError(
+            f"vlmplug has no adapter for model_type {mt!r} ({type(model).__name__}). "
+            f"Supported: {sorted(reg)}. Nothing was patched."
+        )
+    return reg[mt](model, processor)

@@ -1,0 +1,36 @@
+"""InternVL (HF-native): `<img>` + image_seq_length tokens per 448-px tile + `</img>`; several tiles are
+followed by a thumbnail of the whole image, which is the main view. Tile placement needs the
+processor's tiling decision, which the model never sees, so tile views carry no boxes."""
+from __future__ import annotations
+
+from ..errors import LayoutError
+from ..layout import ImageLayout, View
+from ..registry import register_adapter
+from .base import Adapter, runs
+
+
+@register_adapter("internvl")
+class InternVLAdapter(Adapter):
+    def locate_sample(self, ids, pos, meta, counter):
+        n = int(self.config.image_seq_length)
+        S = self.config.vision_config.image_size
+        S = float(S[0] if isinstance(S, (list, tuple)) else S)
+        images = []
+        for start, length in runs(pos):
+            if length % n:
+                raise LayoutError(f"an image block of {length} tokens is not a multiple of image_seq_length={n}")
+            counter.next()
+            chunk = pos[(pos >= start) & (pos < start + length)]
+            tiles = list(chunk.split(n))
+            if len(tiles) == 1:
+                views, main = [self.square_view("image", tiles[0], S)], 0
+            else:
+                views = [self.square_view(f"tile_{k}", t, S) for k, t in enumerate(tiles[:-1])]
+                for v in views:
+                    v.boxes = None
+                views.append(self.square_view("thumbnail", tiles[-1], S))
+                main = len(views) - 1
+            im = ImageLayout(positions=chunk, views=views, main=main)
+            im.processed_size = (S, S)
+            images.append(im)
+        return images

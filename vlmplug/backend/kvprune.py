@@ -1,0 +1,65 @@
+"""Per-layer, per-head KV-cache pruning after prefill (PLPHP-style).
+
+A forward hook on each chosen attention module, at prefill, asks the methods which cache rows to keep
+per KV head ([B, Hkv, S'] logical positions) and gathers that layer's cached keys and values. Later
+decode steps append to the shorter cache; the backend gathers the model's (logical-length) mask per
+head to match. Layer 0 is never pruned: generate() reads the logical length from it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import MethodConfigError
+
+
+def install_kv_hooks(session) -> list:
+    attn = session.adapter.text_attention_modules()
+    hooks = []
+    layers = sorted({li % len(attn) for m in session.methods for li in (getattr(m, "kv_prune_layers", ()) or ())})
+    if layers and layers[0] == 0:
+        raise MethodConfigError("the KV cache of layer 0 cannot be pruned (generate() reads the sequence length from it)")
+    for li in layers:
+        hooks.append(attn[li].register_forward_hook(_make_hook(session, li), with_kwargs=True))
+    return hooks
+
+
+def _make_hook(session, li: int):
+    def hook(module, args, kwargs, output):
+        if session.phase != "prefill":
+            return None
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return None
+        keep = None
+        for m in session.methods:
+            if li in [x % session.adapter.num_layers for x in (getattr(m, "kv_prune_layers", ()) or ())]:
+                keep = m.kv_keep(session.kv_context(li))
+        if keep is None:
+            return None
+        layer = cache.layers[li]
+        if session.keep is not None and session.drop_layer is not None and li >= session.drop_layer:
+            raise MethodConfigError("KV pruning after token dropping in the same layer is not supported")
+        idx = keep.to(layer.keys.device)
+        B, H, S = idx.shape
+        D = layer.keys.shape[-1]
+        layer.keys = torch.gather(layer.keys, 2, idx[..., None].expand(B, H, S, D))
+        layer.values = torch.gather(layer.values, 2, idx[..., None].expand(B, H, S, layer.values.shape[-1]))
+        session.kv_index[li] = idx.cpu()
+        return None
+
+    return hook
+
+
+def per_head_mask(session, module, attention_mask):
+    """During decode of a pruned layer: gather the logical-length mask per KV head -> [B, Hq, q, S']."""
+    li = getattr(module, "layer_idx", None)
+    if li not in session.kv_index or session.phase != "decode" or attention_mask is None:
+        return attention_mask
+    idx = session.kv_index[li].to(attention_mask.device)  # [B, Hkv, S']
+    B, Hkv, Sp = idx.shape
+    tail = torch.arange(session.prompt_len, attention_mask.shape[-1], device=idx.device)
+    kv = torch.cat([idx, tail.expand(B, Hkv, -1)], dim=-1)
+    G = module.num_key_value_groups if hasattr(module, "num_key_value_groups") else 1
+    kv = kv.repeat_interleave(G, dim=1)  # [B, Hq, S]
+    m = attention_mask.expand(B, kv.shape[1], attention_mask.shape[2], attention_mask.shape[3])
+    return torch.gather(m, 3, kv[:, :, None, :].expand(B, kv.shape[1], m.shape[2], kv.shape[2]))

@@ -1,0 +1,21 @@
+"""Exception classes. Every message says what went wrong and what to do about it."""
+
+
+class VlmplugError(Exception):
+    """Base class of every error vlmplug raises on purpose."""
+
+
+class UnsupportedModelError(VlmplugError, TypeError):
+    """The model's architecture has no adapter; nothing was patched."""
+
+
+class MethodConfigError(VlmplugError, ValueError):
+    """A method name or parameter is invalid; nothing was patched."""
+
+
+class AlreadyAppliedError(VlmplugError, RuntimeError):
+    """The model already carries a vlmplug handle; nothing was patched."""
+
+
+class LayoutError(VlmplugError, ValueError):
+    """Image tokens in the input do not match what the model's configuration implies."""

@@ -1,0 +1,273 @@
+"""Runtime state of one patched model: hooks, the current forward's layout, and plan assembly.
+
+Data flow per forward:
+  base-model pre-hook ─ prefill? remember input_ids / attention_mask, reset per-forward state
+  get_image_features ─ (wrapped) remember what the layout needs (image_sizes, image_grid_thw, ...)
+  attention call ─ backend asks `plan_for(module, ...)`; the session builds a LayerContext (logical
+                   query/key positions, layout) and merges each method's LayerPlan
+  decoder-layer pre-hooks ─ token dropping (only when a method drops tokens)
+  attention forward hooks ─ KV-cache pruning after prefill (only when a method prunes)
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters.base import Adapter, ImageMeta
+from .backend.attention import IMPL_NAME, register_backend
+from .backend.kernels import fast_kernel
+from .backend.plan import LayerPlan
+from .errors import LayoutError, MethodConfigError
+from .layout import Layout
+
+
+@dataclass
+class LayerContext:
+    """What a method may look at when planning one attention call."""
+
+    session: "Session"
+    layer_idx: int  # decoder layer index, or vision-attention index when `vision` is True
+    vision: bool
+    phase: str  # "prefill" or "decode"
+    batch: int
+    q_len: int
+    kv_len: int
+    num_heads: int
+    num_kv_heads: int
+    q_pos: torch.Tensor | None  # long [B, Lq] logical sequence positions of the queries (text only)
+    k_pos: torch.Tensor | None  # long [B, S] or [B, Hkv, S] logical positions of the keys (text only)
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def layout(self) -> Layout | None:
+        return self.session.layout
+
+
+def _all_configs(model: nn.Module) -> list[Any]:
+    seen, out, stack = set(), [], [model.config]
+    stack += [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        c = stack.pop()
+        if c is None or id(c) in seen or not hasattr(c, "_attn_implementation_internal"):
+            continue
+        seen.add(id(c))
+        out.append(c)
+        for key in getattr(c, "sub_configs", {}) or {}:
+            stack.append(getattr(c, key, None))
+    return out
+
+
+class Session:
+    def __init__(self, model: nn.Module, adapter: Adapter, methods: list):
+        self.model = model
+        self.adapter = adapter
+        self.methods = methods
+        self.kernel = fast_kernel  # tests swap in an eager reference
+        self._hooks: list = []
+        self._attrs: list[tuple[Any, str]] = []
+        self._attn_snapshot: list[tuple[Any, Any]] = []
+        self._wrapped_base = None
+        # per-forward state
+        self.phase = "prefill"
+        self.forward_index = -1
+        self.input_ids: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.prompt_len = 0
+        self.logical_len = 0  # logical sequence length after this forward
+        self.pending_meta: ImageMeta | None = None
+        self.pending_sizes = None
+        self._layout: Layout | None = None
+        self._layout_done = False
+        self.keep: torch.Tensor | None = None  # [B, L'] logical positions kept after `drop_layer`
+        self.drop_layer: int | None = None
+        self.kv_index: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, S'] logical positions kept in the cache
+
+    # ------------------------------------------------------------- install
+    def install(self) -> None:
+        register_backend()
+        ad = self.adapter
+        self._attn_snapshot = [(c, c._attn_implementation_internal) for c in _all_configs(self.model)]
+        keys = {ad.text_config_key: IMPL_NAME}
+        need_vision = any(getattr(m, "needs_vision_attention", False) for m in self.methods)
+        if need_vision:
+            keys[ad.vision_config_key] = IMPL_NAME
+        self.model.set_attn_implementation(keys)
+        for m in ad.text_attention_modules():
+            self._set_attr(m, "_vlmplug_session", self)
+        if need_vision:
+            for i, m in enumerate(ad.vision_attention_modules()):
+                self._set_attr(m, "_vlmplug_session", self)
+                self._set_attr(m, "_vlmplug_vision_idx", i)
+        base = ad.base_model
+        self._hooks.append(base.register_forward_pre_hook(self._on_base_forward, with_kwargs=True))
+        self._wrap_image_features(base)
+        drop_layers = {m.drop_layer for m in self.methods if getattr(m, "drop_layer", None) is not None}
+        if len(drop_layers) > 1:
+            raise MethodConfigError(f"methods drop tokens after different layers {sorted(drop_layers)}; use one")
+        if drop_layers:
+            from .backend.drop import install_drop_hooks
+
+            self._hooks += install_drop_hooks(self, drop_layers.pop())
+        if any(getattr(m, "kv_prune_layers", None) for m in self.methods):
+            from .backend.kvprune import install_kv_hooks
+
+            self._hooks += install_kv_hooks(self)
+        for m in self.methods:
+            m.attach(self)
+
+    def _set_attr(self, obj, name, value) -> None:
+        setattr(obj, name, value)
+        self._attrs.append((obj, name))
+
+    def _wrap_image_features(self, base: nn.Module) -> None:
+        orig = getattr(base, "get_image_features", None)
+        if orig is None:
+            return
+        try:
+            sig = inspect.signature(orig)
+        except (TypeError, ValueError):  # pragma: no cover - builtins only
+            sig = None
+        session = self
+
+        def get_image_features(*args, **kwargs):
+            bound = dict(kwargs)
+            if sig is not None:
+                try:
+                    bound = dict(sig.bind_partial(*args, **kwargs).arguments)
+                    bound.update(bound.pop("kwargs", {}) or {})
+                except TypeError:
+                    pass
+            session.pending_meta = session.adapter.capture_meta(bound)
+            session._layout_done = False
+            return orig(*args, **kwargs)
+
+        get_image_features.__vlmplug_wrapper__ = True
+        base.get_image_features = get_image_features
+        self._wrapped_base = base
+
+    def uninstall(self) -> None:
+        for m in reversed(self.methods):
+            try:
+                m.detach()
+            except Exception:  # pragma: no cover - detaching must not stop the rest of the undo
+                pass
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for obj, name in reversed(self._attrs):
+            if name in obj.__dict__:
+                delattr(obj, name)
+        self._attrs = []
+        if self._wrapped_base is not None and getattr(self._wrapped_base.__dict__.get("get_image_features"), "__vlmplug_wrapper__", False):
+            del self._wrapped_base.__dict__["get_image_features"]
+        self._wrapped_base = None
+        for cfg, value in self._attn_snapshot:
+            cfg._attn_implementation_internal = value
+        self._attn_snapshot = []
+
+    # ------------------------------------------------------------ forward
+    def _on_base_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        pkv = kwargs.get("past_key_values")
+        past = int(pkv.get_seq_length()) if pkv is not None and hasattr(pkv, "get_seq_length") else 0
+        q_len = None
+        if ids is not None:
+            q_len = ids.shape[1]
+        elif kwargs.get("inputs_embeds") is not None:
+            q_len = kwargs["inputs_embeds"].shape[1]
+        self.forward_index += 1
+        if past == 0:
+            self.phase = "prefill"
+            if kwargs.get("pixel_values") is not None:
+                self.pending_meta = None  # this forward encodes its own images
+            self.input_ids = ids
+            am = kwargs.get("attention_mask")
+            self.attention_mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+            self._layout, self._layout_done = None, False
+            self.keep, self.kv_index = None, {}
+            self.prompt_len = q_len or 0
+            self.logical_len = self.prompt_len
+        else:
+            self.phase = "decode"
+            self.logical_len = past + (q_len or 0)
+        for m in self.methods:
+            m.begin_forward(self)
+        return None
+
+    @property
+    def layout(self) -> Layout | None:
+        """Layout of the current prompt, computed on first use after the image features are known."""
+        if not self._layout_done and self.input_ids is not None:
+            self._layout_done = True
+            try:
+                self._layout = self.adapter.locate(self.input_ids, self.attention_mask, self.pending_meta, self.pending_sizes)
+            except LayoutError as e:
+                warnings.warn(f"vlmplug: could not locate image tokens ({e}); image methods are skipped for this input")
+                self._layout = None
+        return self._layout
+
+    def set_image_sizes(self, sizes) -> None:
+        self.pending_sizes = sizes
+        self._layout_done = False
+
+    # -------------------------------------------------------------- plans
+    def _positions(self, module, B, Lq, key) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = key.device
+        li = module.layer_idx
+        S = key.shape[2]
+        if self.phase == "prefill":
+            if self.keep is not None and self.drop_layer is not None and li >= self.drop_layer:
+                q_pos = self.keep.to(dev)
+                k_pos = q_pos
+            else:
+                q_pos = torch.arange(Lq, device=dev).expand(B, Lq)
+                k_pos = torch.arange(S, device=dev).expand(B, S)
+            return q_pos, k_pos
+        q_pos = torch.arange(self.logical_len - Lq, self.logical_len, device=dev).expand(B, Lq)
+        tail = torch.arange(self.prompt_len, self.logical_len, device=dev)
+        if li in self.kv_index:
+            idx = self.kv_index[li].to(dev)
+            k_pos = torch.cat([idx, tail.expand(*idx.shape[:2], -1)], dim=-1)
+        elif self.keep is not None and self.drop_layer is not None and li >= self.drop_layer:
+            k_pos = torch.cat([self.keep.to(dev), tail.expand(B, -1)], dim=-1)
+        else:
+            k_pos = torch.arange(S, device=dev).expand(B, S)
+        return q_pos, k_pos
+
+    def drop_context(self, hidden_states) -> LayerContext:
+        """Context for `keep_tokens` at the drop layer (prefill, full-length logical positions)."""
+        B, L = hidden_states.shape[:2]
+        pos = torch.arange(L, device=hidden_states.device).expand(B, L)
+        cfg = self.adapter.text_config
+        return LayerContext(self, int(self.drop_layer), False, "prefill", B, L, L, int(cfg.num_attention_heads),
+                            int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)), pos, pos, hidden_states.device)
+
+    def kv_context(self, li: int) -> LayerContext:
+        """Context for `kv_keep` after the prefill attention of layer `li`."""
+        B, L = self.input_ids.shape if self.input_ids is not None else (0, self.prompt_len)
+        pos = torch.arange(L).expand(B, L)
+        cfg = self.adapter.text_config
+        return LayerContext(self, li, False, "prefill", B, L, L, int(cfg.num_attention_heads),
+                            int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)), pos, pos)
+
+    def plan_for(self, module, query, key, attention_mask, kwargs) -> LayerPlan | None:
+        vision = getattr(module, "layer_idx", None) is None
+        B, Hq, Lq, _ = query.shape
+        if vision:
+            ctx = LayerContext(self, int(getattr(module, "_vlmplug_vision_idx", 0)), True, self.phase, B, Lq,
+                               key.shape[2], Hq, key.shape[1], None, None, query.device)
+        else:
+            q_pos, k_pos = self._positions(module, B, Lq, key)
+            ctx = LayerContext(self, int(module.layer_idx), False, self.phase, B, Lq, key.shape[2], Hq, key.shape[1],
+                               q_pos, k_pos, query.device)
+        plan = LayerPlan()
+        for m in self.methods:
+            p = m.vision_plan(ctx) if vision else m.layer_plan(ctx)
+            if p is not None:
+                plan.merge(p)
+        return plan
