@@ -10,6 +10,7 @@ Data flow per forward:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -134,6 +135,7 @@ class Session:
             sig = None
         session = self
 
+        @functools.wraps(orig)  # generate() reads this signature to pick the encoder's kwargs
         def get_image_features(*args, **kwargs):
             bound = dict(kwargs)
             if sig is not None:
@@ -235,8 +237,8 @@ class Session:
             k_pos = torch.cat([idx, tail.expand(*idx.shape[:2], -1)], dim=-1)
         elif self.keep is not None and self.drop_layer is not None and li >= self.drop_layer:
             k_pos = torch.cat([self.keep.to(dev), tail.expand(B, -1)], dim=-1)
-        else:
-            k_pos = torch.arange(S, device=dev).expand(B, S)
+        else:  # a sliding-window cache holds only the most recent S positions
+            k_pos = torch.arange(self.logical_len - S, self.logical_len, device=dev).expand(B, S)
         return q_pos, k_pos
 
     def drop_context(self, hidden_states) -> LayerContext:

@@ -1,0 +1,106 @@
+"""Eager reference implementations, written from the formulas, used only by tests.
+
+`eager_kernel` materialises the full softmax matrix and applies each edit on it directly:
+  bias          scores + b[h, key]
+  redistribute  a'_sink = (1-p) a_sink;  a'_t = a_t + p * (sum_sink a) * a_t / (sum_targets a)
+  head scale    o_h * s_h
+  probe         mean over selected rows of softmax(scores) (with the bias, before redistribution)
+It plugs into the session in place of the fast kernel, so both see identical plans.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _expand(x, g):
+    return x.repeat_interleave(g, dim=1)
+
+
+def full_mask(module, attention_mask, Lq, S, kwargs, device):
+    """Bool [B|1, 1|H, Lq, S] of visible keys (True = attend), or a float additive mask."""
+    if attention_mask is not None:
+        return attention_mask
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if not causal or Lq == 1:
+        return torch.ones(1, 1, Lq, S, dtype=torch.bool, device=device)
+    i = torch.arange(Lq, device=device)[:, None] + (S - Lq)
+    j = torch.arange(S, device=device)[None, :]
+    return (j <= i)[None, None]
+
+
+def eager_softmax(module, q, k, attention_mask, scaling, kwargs, bias=None):
+    B, Hq, Lq, D = q.shape
+    k = _expand(k, Hq // k.shape[1])
+    scale = scaling if scaling is not None else D**-0.5
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+    if bias is not None:
+        scores = scores + bias[:, :, None, :].double()
+    m = full_mask(module, attention_mask, Lq, k.shape[2], kwargs, q.device)
+    if m.dtype == torch.bool:
+        scores = scores.masked_fill(~m, float("-inf"))
+    else:
+        scores = scores + m.double()
+    return torch.softmax(scores, -1).nan_to_num(0.0)
+
+
+def eager_kernel(module, q, k, v, attention_mask, scaling, kwargs, plan):
+    B, Hq, Lq, D = q.shape
+    a = eager_softmax(module, q, k, attention_mask, scaling, kwargs, plan.bias)
+    for p in plan.probes:
+        sel = p.select.to(a.device).double()
+        cnt = sel.sum(-1)
+        rows = (a * sel[:, None, :, None]).sum(2) / cnt.clamp(min=1)[:, None, None]
+        p.callback(rows.float(), cnt.long())
+    rd = plan.redistribute
+    if rd is not None:
+        iS = rd.sinks.to(a.device).double()[:, None, None, :]
+        iT = rd.targets.to(a.device).double()[:, None, None, :]
+        frac = rd.fraction.double().to(a.device)
+        frac = frac.view(1, Hq, 1, 1) if frac.dim() == 1 else frac.view(B, Hq, 1, 1)
+        mS = (a * iS).sum(-1, keepdim=True)
+        mT = (a * iT).sum(-1, keepdim=True)
+        new = a - frac * a * iS + frac * mS * (a * iT) / mT.clamp(min=1e-300)
+        keep_rows = mT > 0
+        if rd.rows is not None:
+            keep_rows = keep_rows & rd.rows.to(a.device)[:, None, :, None]
+        a = torch.where(keep_rows, new, a)
+    vv = _expand(v, Hq // v.shape[1]).double()
+    o = a @ vv
+    if plan.head_scale is not None:
+        hs = plan.head_scale.double().to(o.device)
+        o = o * (hs.view(1, Hq, 1, 1) if hs.dim() == 1 else hs.view(B, Hq, 1, 1))
+    return o.to(q.dtype).transpose(1, 2).contiguous()
+
+
+def masked_eager_attention(drop_from_layer=None, dropped=None, kv_drop=None):
+    """An attention function for an UNPATCHED model: eager softmax, where keys listed in `dropped`
+    ([B, L] bool, prompt positions) are invisible from layer `drop_from_layer` on, and keys in
+    `kv_drop[layer]` ([B, Hkv, L] bool) are invisible to single-token (decode) queries of that layer."""
+
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        B, Hq, Lq, D = query.shape
+        S = key.shape[2]
+        li = module.layer_idx
+        m = full_mask(module, attention_mask, Lq, S, kwargs, query.device)
+        m = m.expand(B, Hq, Lq, S).clone()
+        if dropped is not None and li >= drop_from_layer:
+            d = dropped.to(m.device)
+            m[:, :, :, : d.shape[1]] &= ~d[:, None, None, :]
+            # a dropped token's own row stays defined (its output is never used by kept tokens)
+            eye = torch.zeros_like(m)
+            rows = torch.arange(Lq, device=m.device) + (S - Lq)
+            eye[:, :, torch.arange(Lq), rows] = True
+            m |= eye & d.new_zeros(B, 1, 1, 1).bool().logical_not() & (~m.any(-1, keepdim=True))
+        if kv_drop is not None and li in kv_drop and Lq == 1:
+            kd = kv_drop[li].to(m.device)
+            kd = kd.repeat_interleave(Hq // kd.shape[1], dim=1)
+            m[:, :, :, : kd.shape[2]] &= ~kd[:, :, None, :]
+        k = _expand(key, Hq // key.shape[1]).double()
+        v = _expand(value, Hq // value.shape[1]).double()
+        scale = scaling if scaling is not None else D**-0.5
+        s = torch.einsum("bhqd,bhkd->bhqk", query.double(), k) * scale
+        s = s.masked_fill(~m, float("-inf"))
+        a = torch.softmax(s, -1).nan_to_num(0.0)
+        return (a @ v).to(query.dtype).transpose(1, 2).contiguous(), a.to(query.dtype)
+
+    return fn
