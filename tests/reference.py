@@ -85,12 +85,7 @@ def masked_eager_attention(drop_from_layer=None, dropped=None, kv_drop=None):
         m = m.expand(B, Hq, Lq, S).clone()
         if dropped is not None and li >= drop_from_layer:
             d = dropped.to(m.device)
-            m[:, :, :, : d.shape[1]] &= ~d[:, None, None, :]
-            # a dropped token's own row stays defined (its output is never used by kept tokens)
-            eye = torch.zeros_like(m)
-            rows = torch.arange(Lq, device=m.device) + (S - Lq)
-            eye[:, :, torch.arange(Lq), rows] = True
-            m |= eye & d.new_zeros(B, 1, 1, 1).bool().logical_not() & (~m.any(-1, keepdim=True))
+            m[:, :, :, : d.shape[1]] &= ~d[:, None, None, :]  # dropped rows' own outputs are never used
         if kv_drop is not None and li in kv_drop and Lq == 1:
             kd = kv_drop[li].to(m.device)
             kd = kd.repeat_interleave(Hq // kd.shape[1], dim=1)
@@ -104,3 +99,14 @@ def masked_eager_attention(drop_from_layer=None, dropped=None, kv_drop=None):
         return (a @ v).to(query.dtype).transpose(1, 2).contiguous(), a.to(query.dtype)
 
     return fn
+
+
+def register_reference(name: str, fn) -> str:
+    """Register an attention function and the SDPA mask function under `name` (without a mask
+    function transformers passes no mask at all to unknown implementations)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

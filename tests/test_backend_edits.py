@@ -1,0 +1,248 @@
+"""Each backend edit against its eager reference (tests/reference.py), on LLaVA (Llama text) and
+Qwen2-VL (M-RoPE text) tiny models with GQA (4 query heads, 2 KV heads)."""
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pytest
+import torch
+
+import vlmplug
+from conftest import tiny
+from reference import eager_kernel, masked_eager_attention, register_reference
+from vlmplug.backend.plan import LayerPlan, Probe, Redistribute
+from vlmplug.methods.base import Method
+from vlmplug.testing.tiny import make_batch
+
+FAMS = ["llava", "qwen2_vl"]
+
+
+@dataclass
+class Edits(Method):
+    """Test-only method that asks for any combination of edits on every text layer."""
+
+    name: ClassVar[str] = "_edits"
+    bias: float = 0.0
+    fraction: float = 0.0
+    head_scale: tuple | None = None
+    probe: bool = False
+    rows: dict = field(default_factory=dict)
+
+    def layer_plan(self, ctx):
+        lay = ctx.layout
+        if lay is None:
+            return None
+        B, S = ctx.batch, ctx.kv_len
+        img = torch.stack([torch.isin(ctx.k_pos[b], lay.samples[b].image_positions.to(ctx.device)) for b in range(B)])
+        plan = LayerPlan()
+        if self.bias:
+            g = torch.Generator().manual_seed(1000 * ctx.layer_idx + S)
+            plan.bias = (torch.rand(B, ctx.num_heads, S, generator=g) * self.bias * img[:, None, :]).to(ctx.device)
+        if self.fraction:
+            first = torch.tensor([s.first_real for s in lay.samples], device=ctx.device)
+            sinks = ctx.k_pos == first[:, None]
+            frac = torch.linspace(self.fraction / 2, self.fraction, ctx.num_heads)
+            plan.redistribute = Redistribute(sinks=sinks, targets=img, fraction=frac)
+        if self.head_scale is not None:
+            plan.head_scale = torch.tensor(self.head_scale, dtype=torch.float32)
+        if self.probe:
+            sel = torch.ones(B, ctx.q_len, dtype=torch.bool)
+            sel[:, : ctx.q_len // 3] = False
+
+            def cb(p, c, li=ctx.layer_idx):
+                self.rows[(li, ctx.phase)] = p
+
+            plan.probes.append(Probe(sel, cb))
+        return plan
+
+
+def _run(model, inputs, method, kernel=None, gen=False):
+    with vlmplug.apply(model, method) as h, torch.no_grad():
+        if kernel is not None:
+            h.session.kernel = kernel
+        if gen:
+            return model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return model(**inputs).logits
+
+
+EDITS = {
+    "bias": dict(bias=3.0),
+    "redistribute": dict(fraction=0.6),
+    "head_scale": dict(head_scale=(0.0, 0.5, 1.0, 2.0)),
+    "all": dict(bias=2.0, fraction=0.4, head_scale=(1.5, 1.0, 0.5, 1.0), probe=True),
+}
+
+
+@pytest.mark.parametrize("fam", FAMS)
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_edit_matches_eager_reference(fam, edit):
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
+    real = batch.inputs["attention_mask"].bool()
+    with torch.no_grad():
+        plain = model(**batch.inputs).logits
+    fast_m, ref_m = Edits(**EDITS[edit]), Edits(**EDITS[edit])
+    fast = _run(model, batch.inputs, fast_m)
+    ref = _run(model, batch.inputs, ref_m, kernel=eager_kernel)
+    assert (fast - ref)[real].abs().max() <= 1e-5
+    assert (fast - plain)[real].abs().max() > 1e-3  # the edit really changes the model
+    for key in fast_m.rows:
+        assert torch.allclose(fast_m.rows[key], ref_m.rows[key], atol=1e-6)
+    # through generate() and the KV cache (decode steps have q_len == 1)
+    g_fast = _run(model, batch.inputs, Edits(**EDITS[edit]), gen=True)
+    g_ref = _run(model, batch.inputs, Edits(**EDITS[edit]), kernel=eager_kernel, gen=True)
+    assert torch.equal(g_fast.sequences, g_ref.sequences)
+    for a, b in zip(g_fast.logits, g_ref.logits):
+        assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_reference_kernel_is_faithful(fam):
+    """With no edits the eager reference reproduces the unpatched model (validates the reference)."""
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
+    real = batch.inputs["attention_mask"].bool()
+    with torch.no_grad():
+        plain = model(**batch.inputs).logits
+    ref = _run(model, batch.inputs, Edits(probe=True), kernel=eager_kernel)
+    assert (ref - plain)[real].abs().max() <= 1e-5
+
+
+@dataclass
+class Drop(Method):
+    name: ClassVar[str] = "_drop"
+    K: int = 1
+
+    def __post_init__(self):
+        self.drop_layer = self.K
+
+    def keep_tokens(self, ctx):
+        lay = ctx.layout
+        keep = []
+        for b in range(ctx.batch):
+            img = lay.samples[b].image_positions
+            dropped = img[1::2]
+            k = torch.arange(ctx.q_len)
+            keep.append(k[~torch.isin(k, dropped)])
+        self.dropped = torch.zeros(ctx.batch, ctx.q_len, dtype=torch.bool)
+        for b in range(ctx.batch):
+            self.dropped[b, lay.samples[b].image_positions[1::2]] = True
+        return torch.stack(keep)
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_drop_matches_masked_eager(fam):
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 1))
+    m = Drop(K=1)
+    with vlmplug.apply(model, m) as h, torch.no_grad():
+        out = model(**batch.inputs).logits
+        g = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        cache = g.past_key_values
+        lens = [cache.layers[i].keys.shape[2] for i in range(len(cache.layers))]
+    L = batch.inputs["input_ids"].shape[1]
+    n_drop = int(m.dropped[0].sum())
+    assert n_drop > 0 and out.shape[1] == L - n_drop
+    assert lens[0] == L + 3 and lens[1] == L - n_drop + 3
+    register_reference("refmask", masked_eager_attention(drop_from_layer=1, dropped=m.dropped))
+    model.set_attn_implementation({"text_config": "refmask"})
+    try:
+        with torch.no_grad():
+            ref = model(**batch.inputs).logits
+            gr = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    assert (out[:, -1] - ref[:, -1]).abs().max() <= 1e-5
+    assert torch.equal(g.sequences, gr.sequences)
+    for a, b in zip(g.logits, gr.logits):
+        assert (a - b).abs().max() <= 1e-4
+
+
+@dataclass
+class KVPrune(Method):
+    name: ClassVar[str] = "_kv"
+    keep: int = 6
+    kv_prune_layers: ClassVar[tuple] = (1,)
+
+    def kv_keep(self, ctx):
+        g = torch.Generator().manual_seed(7)
+        B, H, L = ctx.batch, ctx.num_kv_heads, ctx.q_len
+        # a different random subset per sample and KV head; the last prompt token always stays
+        score = torch.rand(B, H, L, generator=g)
+        score[..., -1] = 2.0
+        idx = score.topk(self.keep, dim=-1).indices.sort(-1).values
+        self.dropped = torch.ones(B, H, L, dtype=torch.bool).scatter(2, idx, False)
+        return idx
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_kv_prune_matches_masked_eager(fam):
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 1))  # different text lengths: left padding, so decode masks exist
+    m = KVPrune(keep=6)
+    with vlmplug.apply(model, m), torch.no_grad():
+        g = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        lens = [layer.keys.shape[2] for layer in g.past_key_values.layers]
+    L = batch.inputs["input_ids"].shape[1]
+    assert lens == [L + 3, 6 + 3]
+    register_reference("refkv", masked_eager_attention(kv_drop={1: m.dropped}))
+    model.set_attn_implementation({"text_config": "refkv"})
+    try:
+        with torch.no_grad():
+            gr = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    assert torch.equal(g.sequences, gr.sequences)
+    for a, b in zip(g.logits, gr.logits):
+        assert (a - b).abs().max() <= 1e-4
+
+
+@dataclass
+class VisionProbe(Method):
+    name: ClassVar[str] = "_vprobe"
+    needs_vision_attention: ClassVar[bool] = True
+    got: dict = field(default_factory=dict)
+
+    def vision_plan(self, ctx):
+        every = torch.ones(ctx.batch, ctx.q_len, dtype=torch.bool)
+        first = torch.zeros(ctx.batch, ctx.q_len, dtype=torch.bool)
+        first[:, 0] = True
+        store = self.got.setdefault(ctx.layer_idx, [])
+        return LayerPlan(probes=[Probe(every, lambda p, c: store.append(("mean", p))), Probe(first, lambda p, c: store.append(("first", p)))])
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_vision_probes_match_eager_weights(fam):
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
+    captured = {}
+
+    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from reference import eager_softmax
+
+        a = eager_softmax(module, query, key, attention_mask, scaling, dict(kwargs, is_causal=False))
+        captured.setdefault(id(module), []).append(a.float())
+        out = (a @ value.double().repeat_interleave(query.shape[1] // value.shape[1], 1)).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+
+    register_reference("refvision", capture)
+    m = VisionProbe()
+    with vlmplug.apply(model, m) as h, torch.no_grad():
+        out = model(**batch.inputs).logits
+        mods = h.session.adapter.vision_attention_modules()
+    with torch.no_grad():
+        plain = model(**batch.inputs).logits
+    assert torch.equal(out, plain)  # probing the vision tower changes nothing
+    model.set_attn_implementation({"vision_config": "refvision"})
+    try:
+        with torch.no_grad():
+            model(**batch.inputs)
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+    assert len(m.got) == len(mods) >= 2
+    for i, mod in enumerate(mods):
+        refs = captured[id(mod)]
+        mine = m.got[i]
+        assert len(mine) == 2 * len(refs)
+        for j, a in enumerate(refs):
+            assert torch.allclose(mine[2 * j][1], a.mean(2), atol=1e-6)  # mean attention each key receives
+            assert torch.allclose(mine[2 * j + 1][1], a[:, :, 0], atol=1e-6)  # the first (CLS) query's row
