@@ -1,0 +1,96 @@
+"""Public API: registries, errors that name what to do, no silent stacking, light import."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vlmplug
+from conftest import tiny
+from vlmplug.testing.tiny import make_batch
+
+
+def test_registries():
+    assert "record" in vlmplug.available_methods()
+    assert set(vlmplug.supported_models()) >= {
+        "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "internvl"
+    }
+
+
+def test_unsupported_model_patches_nothing():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1))
+    impl = m.config._attn_implementation
+    with pytest.raises(vlmplug.UnsupportedModelError, match="llama.*Supported"):
+        vlmplug.apply(m, "record")
+    assert m.config._attn_implementation == impl and "_vlmplug_handle" not in vars(m)
+
+
+def test_unknown_method_and_bad_params_name_the_allowed_values():
+    model = tiny("llava")
+    with pytest.raises(vlmplug.MethodConfigError, match="unknown method 'fastvv'.*record"):
+        vlmplug.apply(model, "fastvv")
+    with pytest.raises(vlmplug.MethodConfigError, match=r"unknown parameter.*\['layers', 'queries'\]"):
+        vlmplug.apply(model, "record", layer=[0])
+    with pytest.raises(vlmplug.MethodConfigError, match="queries='first'"):
+        vlmplug.apply(model, "record", queries="first")
+    with pytest.raises(vlmplug.MethodConfigError, match="layers contains 7; this model has decoder layers 0..1"):
+        vlmplug.apply(model, "record", layers=[7])
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert "_vlmplug_handle" not in vars(model)
+
+
+def test_no_silent_stacking_and_explicit_replace():
+    model = tiny("qwen2_vl")
+    h = vlmplug.apply(model, "record", layers=[0])
+    try:
+        with pytest.raises(vlmplug.AlreadyAppliedError, match="replace=True"):
+            vlmplug.apply(model, "record")
+        h2 = vlmplug.apply(model, vlmplug.Record(layers=[1]), replace=True)
+        assert not h.active and h2.active
+        batch = make_batch("qwen2_vl", model, (1,))
+        with torch.no_grad():
+            model(**batch.inputs)
+        assert h2.method("record").recorded_layers == [1]
+        # one pre-hook on the base model, not two
+        assert len(model.base_model._forward_pre_hooks) == 1
+        h2.remove()
+    finally:
+        h.remove()
+    assert len(model.base_model._forward_pre_hooks) == 0
+
+
+def test_objects_compose_and_duplicates_are_rejected():
+    model = tiny("llava")
+    with pytest.raises(vlmplug.MethodConfigError, match="twice"):
+        vlmplug.apply(model, [vlmplug.Record(), vlmplug.Record()])
+    with pytest.raises(vlmplug.MethodConfigError, match="single method name"):
+        vlmplug.apply(model, [vlmplug.Record()], layers=[0])
+
+
+def test_image_free_forward_is_skipped_not_crashed(family):
+    model = tiny(family)
+    batch = make_batch(family, model, (0, 0))
+    with vlmplug.apply(model, "record") as h, torch.no_grad():
+        model(**batch.inputs)
+        assert h.image_attention() == []
+        assert h.stats["images_per_sample"] == [0, 0]
+
+
+def test_stats_and_repr():
+    model = tiny("gemma3")
+    batch = make_batch("gemma3", model, (2,))
+    with vlmplug.apply(model, "record", layers=[1]) as h, torch.no_grad():
+        model(**batch.inputs)
+        s = h.stats
+        assert s["images_per_sample"] == [2] and s["record"]["recorded_layers"] == [1]
+        assert "record" in repr(h) and "active" in repr(h)
+    assert "removed" in repr(h)
+
+
+def test_import_is_light():
+    code = "import sys, vlmplug; bad = [m for m in ('gradio', 'bitsandbytes', 'lmms_eval', 'transformers') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
