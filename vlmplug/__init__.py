@@ -33,7 +33,7 @@ def __getattr__(name):
 
         return Record
     if name == "load":
-        from .pipeline import load
+        from .loading import load
 
         return load
     if name == "generate":

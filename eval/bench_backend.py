@@ -1,0 +1,152 @@
+"""Backend cost on a LLaVA-1.5-shaped model with random weights (576 image tokens).
+
+Measures, in one run and on the same model and prompt: plain SDPA forward, `record` on all layers
+(last-token image attention), and eager attention with `output_attentions=True`. Each mode runs in a
+fresh worker process so that peak memory is its own: peak = the process's peak resident memory
+during the measured forward (peak counter reset just before it) minus the resident memory before it,
+i.e. the memory the forward itself needs on top of the weights. Time = median of --reps forwards.
+All modes use logits_to_keep=1 (as generate() does at prefill), so the vocabulary projection does
+not hide attention's memory.
+
+    python eval/bench_backend.py                       # CPU, depth cut to 8 text / 2 vision layers
+    python eval/bench_backend.py --device cuda --dtype bfloat16 --text-layers 32 --vision-layers 24
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ("sdpa", "record", "eager")
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def worker(mode: str, args) -> dict:
+    import torch
+
+    import vlmplug
+    from vlmplug.testing.shapes import build_random, llava15_config, llava_prompt
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    dtype = getattr(torch, args.dtype)
+    cfg = llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
+    model = build_random(cfg, dtype=dtype, device=args.device)
+    inputs = llava_prompt(cfg, device=args.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    extra = {"logits_to_keep": 1}
+    handle = None
+    if mode == "record":
+        handle = vlmplug.apply(model, "record")
+    elif mode == "eager":
+        model.set_attn_implementation({"text_config": "eager"})
+        extra["output_attentions"] = True
+    cuda = args.device.startswith("cuda")
+
+    def run():
+        with torch.inference_mode():
+            out = model(**inputs, **extra)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    out = run()  # warm-up
+    del out
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        import gc
+
+        gc.collect()
+        base = _rss_kib() * 1024
+        _reset_hwm()
+    out = run()
+    peak = (torch.cuda.max_memory_allocated() if cuda else _hwm_kib() * 1024) - base
+    if handle is not None:
+        maps = handle.image_attention()
+        assert maps[0][0].shape[-2:] == (24, 24)
+    del out
+    times = []
+    for _ in range(args.reps):
+        t = time.perf_counter()
+        o = run()
+        times.append(time.perf_counter() - t)
+        del o
+    return {"mode": mode, "seconds": statistics.median(times), "peak_bytes": peak,
+            "seq_len": int(inputs["input_ids"].shape[1])}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text-layers", type=int, default=8)
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return 0
+    results = {}
+    for mode in MODES:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--text-layers", str(args.text_layers),
+               "--vision-layers", str(args.vision_layers), "--device", args.device, "--dtype", args.dtype,
+               "--reps", str(args.reps), "--threads", str(args.threads)]
+        # large blocks via mmap and no heap hoarding: resident memory then follows live tensors
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode:
+            print(out.stderr, file=sys.stderr)
+            return out.returncode
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  measured {mode}: {results[mode]['seconds']:.3f} s", file=sys.stderr)
+    base = results["sdpa"]
+    print(f"\nLLaVA-1.5 shapes, {args.text_layers} text / {args.vision_layers} vision layers, "
+          f"{base['seq_len']} tokens (576 image), {args.device} {args.dtype}")
+    print(f"{'mode':<8} {'time (s)':>9} {'x sdpa':>7} {'peak (MiB)':>11} {'x sdpa':>7}")
+    for mode in MODES:
+        r = results[mode]
+        print(f"{mode:<8} {r['seconds']:>9.3f} {r['seconds'] / base['seconds']:>7.2f} "
+              f"{r['peak_bytes'] / 2**20:>11.1f} {r['peak_bytes'] / max(base['peak_bytes'], 1):>7.2f}")
+    rec, eag = results["record"], results["eager"]
+    summary = {
+        "record_time_ratio": rec["seconds"] / base["seconds"],
+        "eager_over_record_peak": eag["peak_bytes"] / max(rec["peak_bytes"], 1),
+    }
+    print(f"\nrecord / sdpa time: {summary['record_time_ratio']:.3f} (target <= 1.2)")
+    print(f"eager / record peak memory: {summary['eager_over_record_peak']:.1f}x (target >= 5)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results, "summary": summary}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Command line: `vlmplug run` (the main job), `vlmplug methods`, `vlmplug models`."""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+
+def _param(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param takes key=value, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        value = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        value = v
+    return k.strip(), value
+
+
+def _default_method() -> str:
+    from .api import available_methods
+
+    names = available_methods()
+    return "fastv" if "fastv" in names else "record"
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from . import pipeline
+    from .loading import load
+
+    torch.manual_seed(0)
+    if args.model == "world":
+        from .world import sample_scene
+
+        model, processor = load("world")
+        image, meta = sample_scene()
+        if args.image:
+            from PIL import Image
+
+            image = Image.open(args.image).convert("RGB")
+        prompt = args.prompt or meta["question"]
+        expected = None if (args.image or args.prompt) else meta["answer"]
+        print(f"model: embedded world model (tiny LLaVA, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)")
+        print(f"image: {args.image or 'bundled sample scene'}  {image.size[0]}x{image.size[1]}")
+    else:
+        if not args.image or not args.prompt:
+            print("vlmplug run --model needs --image and --prompt", file=sys.stderr)
+            return 2
+        model, processor = load(args.model, dtype=args.dtype)
+        from PIL import Image
+
+        image = Image.open(args.image).convert("RGB")
+        prompt, expected = args.prompt, None
+        print(f"model: {args.model}")
+    print(f"prompt: {prompt}")
+    gen = dict(max_new_tokens=args.max_new_tokens)
+    plain = pipeline.generate_info(model, processor, image, prompt, **gen)
+    method = args.method or _default_method()
+    params = dict(args.param or [])
+    patched = pipeline.generate_info(model, processor, image, prompt, methods=method, method_params=params, **gen)
+    shown = f"{method}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
+    rows = [("plain", plain), (shown, patched)]
+    w = max(len(r[0]) for r in rows)
+    for name, r in rows:
+        print(f"{name:<{w}}  answer: {r['text']!r:<16} {r['seconds'] * 1000:8.1f} ms  "
+              f"prompt tokens {r['prompt_tokens']}, new tokens {r['new_tokens']}")
+    if expected is not None:
+        ok = pipeline.normalize_answer(plain["text"]) == expected
+        print(f"expected: {expected!r} -> plain answer {'correct' if ok else 'WRONG'}")
+        return 0 if ok else 1
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .registry import method_registry
+
+    for name, cls in sorted(method_registry().items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name:<12} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .api import supported_models
+
+    print("\n".join(supported_models()))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vlmplug", description="Inference-time attention plugins for HF vision-language models")
+    sub = p.add_subparsers(dest="cmd")
+    r = sub.add_parser("run", help="answer a question about an image, plain and with a method")
+    r.add_argument("--model", default="world", help='"world" (embedded default) or a checkpoint id/path')
+    r.add_argument("--image", help="image file (default: the bundled sample scene)")
+    r.add_argument("--prompt", help="question (default: the sample scene's question)")
+    r.add_argument("--method", help="method name (default: fastv when available, else record)")
+    r.add_argument("--param", action="append", type=_param, help="method parameter key=value (repeatable)")
+    r.add_argument("--max-new-tokens", type=int, default=8)
+    r.add_argument("--dtype", default=None, help="e.g. bfloat16 for real checkpoints")
+    r.set_defaults(fn=cmd_run)
+    sub.add_parser("methods", help="list methods").set_defaults(fn=cmd_methods)
+    sub.add_parser("models", help="list supported model types").set_defaults(fn=cmd_models)
+    args = p.parse_args(argv)
+    if not getattr(args, "fn", None):
+        p.print_help()
+        return 2
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
