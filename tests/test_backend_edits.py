@@ -115,7 +115,7 @@ class Drop(Method):
     def __post_init__(self):
         self.drop_layer = self.K
 
-    def keep_tokens(self, ctx):
+    def tokens_to_keep(self, ctx):
         lay = ctx.layout
         keep = []
         for b in range(ctx.batch):

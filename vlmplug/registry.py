@@ -10,7 +10,7 @@ METHODS: dict[str, type] = {}
 ADAPTERS: dict[str, type] = {}
 
 # Modules that register methods / adapters; imported lazily on first lookup so `import vlmplug` stays light.
-_METHOD_MODULES = ("vlmplug.methods.record",)
+_METHOD_MODULES = ("vlmplug.methods.record", "vlmplug.methods.pruning.fastv")
 _ADAPTER_MODULES = (
     "vlmplug.adapters.llava",
     "vlmplug.adapters.llava_next",

@@ -85,6 +85,7 @@ class Session:
         self._layout: Layout | None = None
         self._layout_done = False
         self.keep: torch.Tensor | None = None  # [B, L'] logical positions kept after `drop_layer`
+        self.dead: torch.Tensor | None = None  # [B, L'] True at padding slots of ragged keeps
         self.drop_layer: int | None = None
         self.kv_index: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, S'] logical positions kept in the cache
 
@@ -191,7 +192,7 @@ class Session:
             am = kwargs.get("attention_mask")
             self.attention_mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
             self._layout, self._layout_done = None, False
-            self.keep, self.kv_index = None, {}
+            self.keep, self.dead, self.kv_index = None, None, {}
             self.prompt_len = q_len or 0
             self.logical_len = self.prompt_len
         else:
@@ -242,7 +243,7 @@ class Session:
         return q_pos, k_pos
 
     def drop_context(self, hidden_states) -> LayerContext:
-        """Context for `keep_tokens` at the drop layer (prefill, full-length logical positions)."""
+        """Context for `tokens_to_keep` at the drop layer (prefill, full-length logical positions)."""
         B, L = hidden_states.shape[:2]
         pos = torch.arange(L, device=hidden_states.device).expand(B, L)
         cfg = self.adapter.text_config

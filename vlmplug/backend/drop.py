@@ -5,6 +5,10 @@ the rotary (cos, sin), the attention mask on both axes and the position ids, all
 same kept positions, so later layers and their KV caches hold only kept tokens while every token keeps
 its original (RoPE / M-RoPE) position. During decoding the mask's key axis is gathered the same way.
 Layer 0 is never shortened, so the cache length generate() reads stays the logical one.
+
+Samples of a batch may keep different numbers of tokens: shorter keep lists are padded with "dead"
+slots (dropped tokens, padding first) that no other token can see, so each sample's result equals
+running it alone.
 """
 from __future__ import annotations
 
@@ -24,17 +28,47 @@ def _gather_seq(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.gather(x, dim, idx)
 
 
+def equalize(keeps: list[torch.Tensor], L: int, pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack per-sample keep lists of different lengths; returns (keep [B, L'], dead [B, L'] or None)."""
+    n = max(int(k.numel()) for k in keeps)
+    if all(int(k.numel()) == n for k in keeps):
+        return torch.stack([k.sort().values for k in keeps]), None
+    out, dead = [], []
+    for b, k in enumerate(keeps):
+        need = n - k.numel()
+        rest = torch.ones(L, dtype=torch.bool)
+        rest[k] = False
+        cand = torch.nonzero(rest).flatten()
+        if pad is not None:  # padding positions first: they are invisible anyway
+            cand = cand[torch.argsort((~pad[b, cand]).to(torch.int8), stable=True)]
+        extra = cand[:need]
+        allk = torch.cat([k, extra])
+        order = torch.argsort(allk)
+        out.append(allk[order])
+        dead.append(torch.cat([torch.zeros(k.numel(), dtype=torch.bool), torch.ones(need, dtype=torch.bool)])[order])
+    return torch.stack(out), torch.stack(dead)
+
+
 def install_drop_hooks(session, K: int) -> list:
     layers = session.adapter.decoder_layers()
     if not session.adapter.min_drop_layer <= K < len(layers):
         raise MethodConfigError(
-            f"tokens can be dropped after layers {session.adapter.min_drop_layer}..{len(layers) - 1} of this model, got {K}"
+            f"tokens can be dropped before layers {session.adapter.min_drop_layer}..{len(layers) - 1} of this model, got {K}"
         )
     session.drop_layer = K
-    hooks = []
-    for li in range(K, len(layers)):
-        hooks.append(layers[li].register_forward_pre_hook(_make_hook(session, li, K), with_kwargs=True))
-    return hooks
+    return [layers[li].register_forward_pre_hook(_make_hook(session, li, K), with_kwargs=True) for li in range(K, len(layers))]
+
+
+def _hide_dead(m: torch.Tensor, dead_kv: torch.Tensor, q_dead: torch.Tensor | None) -> torch.Tensor:
+    """Mask dead keys; a dead query row still sees itself so its (unused) output stays finite."""
+    if m.dtype != torch.bool:
+        raise MethodConfigError("token dropping with ragged budgets needs boolean masks (the vlmplug mask function)")
+    m = m & ~dead_kv[:, None, None, :].to(m.device)
+    if q_dead is not None:
+        Lq = m.shape[2]
+        eye = torch.eye(Lq, m.shape[3], dtype=torch.bool, device=m.device)[None, None] & q_dead[:, None, :, None].to(m.device)
+        m = m | eye
+    return m
 
 
 def _make_hook(session, li: int, K: int):
@@ -42,36 +76,63 @@ def _make_hook(session, li: int, K: int):
         if session.phase == "prefill":
             hs = args[0] if args else kwargs["hidden_states"]
             if li == K:
-                keep = None
+                session.keep, session.dead = None, None
                 for m in session.methods:
                     if getattr(m, "drop_layer", None) == K:
-                        keep = m.keep_tokens(session.drop_context(hs))
-                session.keep = keep
-            keep = session.keep
+                        keep = m.tokens_to_keep(session.drop_context(hs))
+                        if keep is not None:
+                            if isinstance(keep, (list, tuple)):
+                                pad = ~session.attention_mask.bool().cpu() if session.attention_mask is not None else None
+                                keep, dead = equalize([k.cpu() for k in keep], hs.shape[1], pad)
+                            else:
+                                dead = None
+                            session.keep, session.dead = keep, dead
+            keep, dead = session.keep, session.dead
             if keep is None:
                 return None
             keep = keep.to(hs.device)
             if li == K:
                 hs = _gather_seq(hs, keep, 1)
-            args = (hs,) + tuple(args[1:]) if args else args
-            if not args:
-                kwargs["hidden_states"] = hs
+                if args:
+                    args = (hs,) + tuple(args[1:])
+                else:
+                    kwargs["hidden_states"] = hs
             pe = kwargs.get("position_embeddings")
             if isinstance(pe, tuple):
                 kwargs["position_embeddings"] = tuple(_gather_seq(t, keep, 1) for t in pe)
             m = kwargs.get("attention_mask")
             if isinstance(m, torch.Tensor) and m.dim() == 4:
-                kwargs["attention_mask"] = _gather_seq(_gather_seq(m, keep, 2), keep, 3)
+                m = _gather_seq(_gather_seq(m, keep, 2), keep, 3)
+            elif dead is not None:  # no mask was needed before; now dead slots must be hidden
+                m = (keep[:, :, None] >= keep[:, None, :])[:, None]
+            if dead is not None:
+                m = _hide_dead(m, dead, dead)
+            if m is not None:
+                kwargs["attention_mask"] = m
             pid = kwargs.get("position_ids")
             if isinstance(pid, torch.Tensor) and pid.dim() == 2:
                 kwargs["position_ids"] = _gather_seq(pid, keep, 1)
             return args, kwargs
-        keep = session.keep
+        keep, dead = session.keep, session.dead
+        if keep is None:
+            return None
         m = kwargs.get("attention_mask")
-        if keep is not None and isinstance(m, torch.Tensor) and m.dim() == 4:
-            tail = torch.arange(session.prompt_len, m.shape[-1], device=m.device)
-            kv = torch.cat([keep.to(m.device), tail.expand(keep.shape[0], -1)], dim=1)
-            kwargs["attention_mask"] = _gather_seq(m, kv, 3)
+        hs = args[0] if args else kwargs["hidden_states"]
+        B, q, S = keep.shape[0], hs.shape[1], session.logical_len
+        if (m is None and dead is not None) or (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] != S):
+            # Hybrid models size some decode masks by a pruned or sliding cache: rebuild the logical
+            # padding mask; the backend keeps its last key-length columns for sliding caches.
+            pad = session.attention_mask
+            pad = pad.bool() if pad is not None else torch.ones(B, session.prompt_len, dtype=torch.bool)
+            full = torch.cat([pad.to(hs.device), torch.ones(B, S - pad.shape[1], dtype=torch.bool, device=hs.device)], 1)
+            m = full[:, None, None, :].expand(B, 1, q, S)
+        if isinstance(m, torch.Tensor) and m.dim() == 4:
+            tail = torch.arange(session.prompt_len, S, device=m.device)
+            kv = torch.cat([keep.to(m.device), tail.expand(B, -1)], dim=1)
+            m = _gather_seq(m, kv, 3)
+            if dead is not None:
+                m = _hide_dead(m, torch.cat([dead.to(m.device), torch.zeros(B, tail.numel(), dtype=torch.bool, device=m.device)], 1), None)
+            kwargs["attention_mask"] = m
             return args, kwargs
         return None
 

@@ -2,7 +2,7 @@
 
 A method never touches model tensors. The session calls, per forward, `begin_forward`; per attention
 call, `layer_plan` (text) or `vision_plan` (vision tower) which return a `LayerPlan` or None; when the
-method drops tokens, `keep_tokens` at its `drop_layer`; when it prunes the KV cache, `kv_keep`.
+method drops tokens, `tokens_to_keep` at its `drop_layer`; when it prunes the KV cache, `kv_keep`.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class Method:
     drop_layer: ClassVar[int | None] = None
     kv_prune_layers: ClassVar[tuple[int, ...]] = ()
 
-    def keep_tokens(self, ctx):
+    def tokens_to_keep(self, ctx):
         """At prefill, before decoder layer `drop_layer`: long [B, L'] sorted logical positions to keep."""
         return None
 

@@ -1,0 +1,1 @@
+"""Token pruning and merging methods."""

@@ -1,0 +1,71 @@
+"""Shared pieces of the pruning methods: budgets and the statistics `handle.stats` reports."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import MethodConfigError
+from ..base import check_range
+
+
+def check_budget(method: str, keep_ratio, keep_tokens) -> None:
+    if keep_ratio is not None and keep_tokens is not None:
+        raise MethodConfigError(f"{method}: give keep_ratio or keep_tokens, not both")
+    if keep_ratio is not None:
+        check_range(method, "keep_ratio", keep_ratio, 0.0, 1.0)
+    if keep_tokens is not None:
+        check_range(method, "keep_tokens", keep_tokens, 0, None, kind=int)
+
+
+def budget(n: int, keep_ratio, keep_tokens) -> int:
+    """How many of n image tokens to keep."""
+    if keep_tokens is not None:
+        return min(n, int(keep_tokens))
+    return min(n, int(round(n * keep_ratio)))
+
+
+def layer_flops(n: int, d: int, m: int) -> float:
+    """FastV's per-layer FLOP model: 4nd^2 + 2n^2d + 2ndm (attention projections, scores, MLP)."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def drop_stats(session, layer_lens: list[int]) -> dict:
+    """Tokens kept per image and per layer, KV-cache bytes and estimated FLOPs saved, last prefill."""
+    cfg = session.adapter.text_config
+    d, m = int(cfg.hidden_size), int(cfg.intermediate_size)
+    heads = int(cfg.num_attention_heads)
+    hd = int(getattr(cfg, "head_dim", None) or d // heads)
+    kvh = int(getattr(cfg, "num_key_value_heads", heads))
+    layout = session.layout
+    kept_per_image = []
+    if layout is not None:
+        for b, s in enumerate(layout.samples):
+            keep = session.keep[b] if session.keep is not None else None
+            dead = session.dead[b] if session.dead is not None else None
+            alive = keep[~dead] if (keep is not None and dead is not None) else keep
+            kept_per_image.append([int(im.positions.numel()) if alive is None else int(torch.isin(im.positions, alive).sum())
+                                   for im in s.images])
+    B = len(layout.samples) if layout is not None else 1
+    bytes_per = 2 if session.model.dtype in (torch.float16, torch.bfloat16) else torch.finfo(session.model.dtype).bits // 8
+    full = sum(layer_flops(layer_lens[0], d, m) for _ in layer_lens)
+    pruned = sum(layer_flops(n, d, m) for n in layer_lens)
+    return {
+        "tokens_kept_per_image": kept_per_image,
+        "tokens_per_layer": layer_lens,
+        "kv_cache_bytes": int(sum(layer_lens) * 2 * kvh * hd * bytes_per * B),
+        "flops_saved": 0.0 if full == 0 else 1.0 - pruned / full,
+    }
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores (ties broken by position), sorted ascending."""
+    if k >= scores.numel():
+        return torch.arange(scores.numel())
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def isqrt_exact(n: int) -> int:
+    r = math.isqrt(n)
+    return r if r * r == n else -1

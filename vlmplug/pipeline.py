@@ -1,0 +1,140 @@
+"""Chat template + processor + ``model.generate`` for one or several images, optionally under vlmplug methods.
+
+Used by the CLI (``vlmplug run``), the demo and the eval scripts, so that every entry point builds prompts the same
+way: the processor's chat template when it has one, LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:`` otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+ImageLike = Union["PIL.Image.Image", str, Path]  # noqa: F821 - PIL is imported lazily
+
+DEFAULT_MAX_NEW_TOKENS = 16
+
+
+def _load_images(image_or_images: Any) -> list:
+    from PIL import Image
+
+    if image_or_images is None:
+        return []
+    items = list(image_or_images) if isinstance(image_or_images, (list, tuple)) else [image_or_images]
+    out = []
+    for item in items:
+        if isinstance(item, (str, Path)):
+            with Image.open(item) as im:
+                item = im.convert("RGB")
+        elif isinstance(item, Image.Image) and item.mode != "RGB":
+            item = item.convert("RGB")
+        out.append(item)
+    return out
+
+
+def build_prompt(processor: Any, prompt: str, n_images: int) -> str:
+    """The text fed to the processor: the chat template with ``n_images`` image slots and the question."""
+    template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    if template:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image_token = getattr(processor, "image_token", "<image>")
+    return "USER: " + f"{image_token}\n" * n_images + prompt + " ASSISTANT:"
+
+
+def prepare_inputs(model: Any, processor: Any, image_or_images: Any, prompt: str) -> dict:
+    """Processor outputs for the prompt and images, on the model's device, floating tensors in the model's dtype."""
+    import torch
+
+    images = _load_images(image_or_images)
+    text = build_prompt(processor, prompt, len(images))
+    kwargs: dict[str, Any] = dict(text=text, return_tensors="pt")
+    if images:
+        kwargs["images"] = images
+    inputs = processor(**kwargs)
+    device = getattr(model, "device", None)
+    dtype = getattr(model, "dtype", None)
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and dtype is not None:
+                v = v.to(device=device, dtype=dtype)
+            elif device is not None:
+                v = v.to(device)
+        out[k] = v
+    return out
+
+
+def _run_generate(model: Any, inputs: dict, generate_kwargs: dict):
+    import torch
+
+    kw = dict(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, do_sample=False)
+    if not generate_kwargs.get("do_sample", False):
+        # Greedy: make sure sampling-only settings from a generation_config do not trigger warnings.
+        kw.update(temperature=None, top_p=None, top_k=None)
+    kw.update(generate_kwargs)
+    with torch.inference_mode():
+        return model.generate(**inputs, **kw)
+
+
+def generate_info(
+    model: Any,
+    processor: Any,
+    image_or_images: Any,
+    prompt: str,
+    methods: Any = None,
+    method_params: dict | None = None,
+    **generate_kwargs: Any,
+) -> dict:
+    """Answer ``prompt`` about the image(s); returns ``dict(text, seconds, prompt_tokens, new_tokens)``.
+
+    ``image_or_images``: a PIL image, a path, a list of them, or None. ``methods`` (optional) is anything
+    ``vlmplug.apply`` accepts (a name, a config, a list); ``method_params`` are keyword parameters for a method given
+    by name. Generation is greedy with a small ``max_new_tokens`` unless ``generate_kwargs`` say otherwise.
+    """
+    inputs = prepare_inputs(model, processor, image_or_images, prompt)
+    prompt_len = int(inputs["input_ids"].shape[1])
+    start = time.perf_counter()
+    if methods is not None:
+        from vlmplug.api import apply  # lazy: the pipeline works without any method machinery
+
+        with apply(model, methods, **(method_params or {})):
+            out = _run_generate(model, inputs, generate_kwargs)
+    else:
+        out = _run_generate(model, inputs, generate_kwargs)
+    seconds = time.perf_counter() - start
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    new = sequences[0, prompt_len:]
+    tok = getattr(processor, "tokenizer", processor)
+    eos = getattr(tok, "eos_token_id", None)
+    pad = getattr(tok, "pad_token_id", None)
+    n_new = 0
+    for t in new.tolist():
+        if t in (eos, pad) and t is not None:
+            break
+        n_new += 1
+    text = tok.decode(new, skip_special_tokens=True).strip()
+    return dict(text=text, seconds=seconds, prompt_tokens=prompt_len, new_tokens=n_new)
+
+
+def generate(
+    model: Any,
+    processor: Any,
+    image_or_images: Any,
+    prompt: str,
+    methods: Any = None,
+    method_params: dict | None = None,
+    **generate_kwargs: Any,
+) -> str:
+    """Answer ``prompt`` about one or several images with greedy decoding; see :func:`generate_info`."""
+    return generate_info(model, processor, image_or_images, prompt, methods, method_params, **generate_kwargs)["text"]
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case first word without punctuation, for exact-match scoring of one-word answers."""
+    words = text.strip().lower().replace(".", " ").replace(",", " ").replace("!", " ").split()
+    return words[0] if words else ""
+
+
+__all__: Sequence[str] = ["generate", "generate_info", "build_prompt", "prepare_inputs", "normalize_answer"]
