@@ -10,7 +10,11 @@ METHODS: dict[str, type] = {}
 ADAPTERS: dict[str, type] = {}
 
 # Modules that register methods / adapters; imported lazily on first lookup so `import vlmplug` stays light.
-_METHOD_MODULES = ("vlmplug.methods.record", "vlmplug.methods.pruning.fastv")
+_METHOD_MODULES = (
+    "vlmplug.methods.record",
+    "vlmplug.methods.pruning.fastv",
+    "vlmplug.methods.pruning.plphp",
+)
 _ADAPTER_MODULES = (
     "vlmplug.adapters.llava",
     "vlmplug.adapters.llava_next",

@@ -88,6 +88,7 @@ class Session:
         self.dead: torch.Tensor | None = None  # [B, L'] True at padding slots of ragged keeps
         self.drop_layer: int | None = None
         self.kv_index: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, S'] logical positions kept in the cache
+        self.kv_dead: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, S'] padding slots of ragged KV keeps
 
     # ------------------------------------------------------------- install
     def install(self) -> None:
@@ -192,7 +193,7 @@ class Session:
             am = kwargs.get("attention_mask")
             self.attention_mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
             self._layout, self._layout_done = None, False
-            self.keep, self.dead, self.kv_index = None, None, {}
+            self.keep, self.dead, self.kv_index, self.kv_dead = None, None, {}, {}
             self.prompt_len = q_len or 0
             self.logical_len = self.prompt_len
         else:
@@ -213,6 +214,15 @@ class Session:
                 warnings.warn(f"vlmplug: could not locate image tokens ({e}); image methods are skipped for this input")
                 self._layout = None
         return self._layout
+
+    def logical_mask(self, batch: int, q_len: int, device) -> torch.Tensor:
+        """Decode-time bool mask [B, 1, q, S_logical] from the prompt's padding (new tokens visible).
+        Used where a model sized its mask by a pruned or sliding cache instead of the logical length."""
+        S = self.logical_len
+        pad = self.attention_mask
+        pad = pad.bool() if pad is not None else torch.ones(batch, self.prompt_len, dtype=torch.bool)
+        full = torch.cat([pad.to(device), torch.ones(batch, S - pad.shape[1], dtype=torch.bool, device=device)], 1)
+        return full[:, None, None, :].expand(batch, 1, q_len, S)
 
     def set_image_sizes(self, sizes) -> None:
         self.pending_sizes = sizes

@@ -122,10 +122,7 @@ def _make_hook(session, li: int, K: int):
         if (m is None and dead is not None) or (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] != S):
             # Hybrid models size some decode masks by a pruned or sliding cache: rebuild the logical
             # padding mask; the backend keeps its last key-length columns for sliding caches.
-            pad = session.attention_mask
-            pad = pad.bool() if pad is not None else torch.ones(B, session.prompt_len, dtype=torch.bool)
-            full = torch.cat([pad.to(hs.device), torch.ones(B, S - pad.shape[1], dtype=torch.bool, device=hs.device)], 1)
-            m = full[:, None, None, :].expand(B, 1, q, S)
+            m = session.logical_mask(B, q, hs.device)
         if isinstance(m, torch.Tensor) and m.dim() == 4:
             tail = torch.arange(session.prompt_len, S, device=m.device)
             kv = torch.cat([keep.to(m.device), tail.expand(B, -1)], dim=1)

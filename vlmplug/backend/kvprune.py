@@ -16,6 +16,7 @@ def install_kv_hooks(session) -> list:
     attn = session.adapter.text_attention_modules()
     hooks = []
     layers = sorted({li % len(attn) for m in session.methods for li in (getattr(m, "kv_prune_layers", ()) or ())})
+    session.kv_dead = {}
     if layers and layers[0] == 0:
         raise MethodConfigError("the KV cache of layer 0 cannot be pruned (generate() reads the sequence length from it)")
     for li in layers:
@@ -39,22 +40,61 @@ def _make_hook(session, li: int):
         layer = cache.layers[li]
         if session.keep is not None and session.drop_layer is not None and li >= session.drop_layer:
             raise MethodConfigError("KV pruning after token dropping in the same layer is not supported")
+        dead = None
+        if isinstance(keep, (list, tuple)):  # per-sample [Hkv, S'_b]: pad with hidden slots
+            keep, dead = _equalize(keep, layer.keys.shape[2], session.attention_mask)
         idx = keep.to(layer.keys.device)
         B, H, S = idx.shape
         D = layer.keys.shape[-1]
         layer.keys = torch.gather(layer.keys, 2, idx[..., None].expand(B, H, S, D))
         layer.values = torch.gather(layer.values, 2, idx[..., None].expand(B, H, S, layer.values.shape[-1]))
         session.kv_index[li] = idx.cpu()
+        if dead is not None:
+            session.kv_dead[li] = dead
         return None
 
     return hook
 
 
+def _equalize(keeps, S: int, pad2d):
+    """Per-sample keep lists [Hkv, S'_b] -> [B, Hkv, S'] plus dead [B, Hkv, S'] (padding slots)."""
+    n = max(int(k.shape[1]) for k in keeps)
+    out, dead = [], []
+    for b, k in enumerate(keeps):
+        H, m = k.shape
+        if m == n:
+            out.append(k.cpu())
+            dead.append(torch.zeros(H, n, dtype=torch.bool))
+            continue
+        rows, drows = [], []
+        for h in range(H):
+            rest = torch.ones(S, dtype=torch.bool)
+            rest[k[h].cpu()] = False
+            cand = torch.nonzero(rest).flatten()
+            if pad2d is not None:
+                cand = cand[torch.argsort(pad2d[b, cand].cpu().to(torch.int8), stable=True)]
+            allk = torch.cat([k[h].cpu(), cand[: n - m]])
+            order = torch.argsort(allk)
+            rows.append(allk[order])
+            drows.append(torch.cat([torch.zeros(m, dtype=torch.bool), torch.ones(n - m, dtype=torch.bool)])[order])
+        out.append(torch.stack(rows))
+        dead.append(torch.stack(drows))
+    dead = torch.stack(dead)
+    return torch.stack(out), (dead if dead.any() else None)
+
+
 def per_head_mask(session, module, attention_mask):
     """During decode of a pruned layer: gather the logical-length mask per KV head -> [B, Hq, q, S']."""
     li = getattr(module, "layer_idx", None)
-    if li not in session.kv_index or session.phase != "decode" or attention_mask is None:
+    if li not in session.kv_index or session.phase != "decode":
         return attention_mask
+    B = session.kv_index[li].shape[0]
+    if attention_mask is None:
+        if li not in session.kv_dead:
+            return None
+        attention_mask = torch.ones(B, 1, 1, session.logical_len, dtype=torch.bool)
+    elif attention_mask.shape[-1] != session.logical_len:  # sized by a pruned cache (hybrid models)
+        attention_mask = session.logical_mask(B, attention_mask.shape[2], attention_mask.device)
     idx = session.kv_index[li].to(attention_mask.device)  # [B, Hkv, S']
     B, Hkv, Sp = idx.shape
     tail = torch.arange(session.prompt_len, attention_mask.shape[-1], device=idx.device)
@@ -62,4 +102,9 @@ def per_head_mask(session, module, attention_mask):
     G = module.num_key_value_groups if hasattr(module, "num_key_value_groups") else 1
     kv = kv.repeat_interleave(G, dim=1)  # [B, Hq, S]
     m = attention_mask.expand(B, kv.shape[1], attention_mask.shape[2], attention_mask.shape[3])
-    return torch.gather(m, 3, kv[:, :, None, :].expand(B, kv.shape[1], m.shape[2], kv.shape[2]))
+    m = torch.gather(m, 3, kv[:, :, None, :].expand(B, kv.shape[1], m.shape[2], kv.shape[2]))
+    if li in session.kv_dead:
+        d = session.kv_dead[li].to(m.device)
+        d = torch.cat([d, torch.zeros(B, Hkv, tail.numel(), dtype=torch.bool, device=m.device)], -1)
+        m = m & ~d.repeat_interleave(G, dim=1)[:, :, None, :]
+    return m
