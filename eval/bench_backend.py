@@ -139,9 +139,13 @@ def main(argv=None) -> int:
     summary = {
         "record_time_ratio": rec["seconds"] / base["seconds"],
         "eager_over_record_peak": eag["peak_bytes"] / max(rec["peak_bytes"], 1),
+        "record_extra_mib": (rec["peak_bytes"] - base["peak_bytes"]) / 2**20,
+        "eager_extra_mib": (eag["peak_bytes"] - base["peak_bytes"]) / 2**20,
     }
     print(f"\nrecord / sdpa time: {summary['record_time_ratio']:.3f} (target <= 1.2)")
     print(f"eager / record peak memory: {summary['eager_over_record_peak']:.1f}x (target >= 5)")
+    print(f"memory added to the SDPA forward: record {summary['record_extra_mib']:+.1f} MiB, "
+          f"eager {summary['eager_extra_mib']:+.1f} MiB (eager keeps a [heads, L, L] map per layer)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results, "summary": summary}, f, indent=2)

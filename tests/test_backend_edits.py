@@ -246,3 +246,53 @@ def test_vision_probes_match_eager_weights(fam):
         for j, a in enumerate(refs):
             assert torch.allclose(mine[2 * j][1], a.mean(2), atol=1e-6)  # mean attention each key receives
             assert torch.allclose(mine[2 * j + 1][1], a[:, :, 0], atol=1e-6)  # the first (CLS) query's row
+
+
+@dataclass
+class PreDrop(Method):
+    """Test-only pre-LLM selection: every other image token is removed before the LLM."""
+
+    name: ClassVar[str] = "_predrop"
+    hide_before: ClassVar[bool] = True
+
+    def check(self, adapter):
+        self.drop_layer = adapter.min_drop_layer
+
+    def tokens_to_keep(self, ctx):
+        lay = ctx.layout
+        self.dropped = torch.zeros(ctx.batch, ctx.q_len, dtype=torch.bool)
+        keeps = []
+        for b in range(ctx.batch):
+            img = lay.samples[b].image_positions
+            self.dropped[b, img[1::2]] = True
+            keeps.append(torch.nonzero(~self.dropped[b]).flatten())
+        return keeps
+
+
+@pytest.mark.parametrize("fam", FAMS + ["gemma3"])
+def test_pre_llm_drop_matches_masked_eager_from_layer_0(fam):
+    model = tiny(fam)
+    batch = make_batch(fam, model, (2, 1))  # ragged budgets across the batch, left padding
+    m = PreDrop()
+    with vlmplug.apply(model, m), torch.no_grad():
+        out = model(**batch.inputs).logits[:, -1]
+        g = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    register_reference("refpre", masked_eager_attention(drop_from_layer=0, dropped=m.dropped))
+    model.set_attn_implementation({"text_config": "refpre"})
+    try:
+        with torch.no_grad():
+            ref = model(**batch.inputs).logits[:, -1]
+            if fam == "gemma3":
+                # Gemma 3's tiny sliding window (8) is shorter than the prompt: while decoding, our pruned
+                # sliding cache counts kept tokens, the reference counts original positions (documented).
+                gr = None
+            else:
+                gr = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    assert (out - ref).abs().max() <= 1e-5
+    if gr is None:
+        return
+    assert torch.equal(g.sequences, gr.sequences)
+    for a, b in zip(g.logits, gr.logits):
+        assert (a - b).abs().max() <= 1e-4

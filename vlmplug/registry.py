@@ -14,6 +14,7 @@ _METHOD_MODULES = (
     "vlmplug.methods.record",
     "vlmplug.methods.pruning.fastv",
     "vlmplug.methods.pruning.plphp",
+    "vlmplug.methods.pruning.cluster",
 )
 _ADAPTER_MODULES = (
     "vlmplug.adapters.llava",

@@ -81,11 +81,15 @@ class Session:
         self.prompt_len = 0
         self.logical_len = 0  # logical sequence length after this forward
         self.pending_meta: ImageMeta | None = None
+        self._feature_out = None  # image-feature output waiting for the prefill (generate path)
+        self._in_forward = False
         self.pending_sizes = None
         self._layout: Layout | None = None
         self._layout_done = False
         self.keep: torch.Tensor | None = None  # [B, L'] logical positions kept after `drop_layer`
         self.dead: torch.Tensor | None = None  # [B, L'] True at padding slots of ragged keeps
+        self.hidden: torch.Tensor | None = None  # [B, L] dropped positions (pre-LLM selection masks them early)
+        self.select_layer: int | None = None
         self.drop_layer: int | None = None
         self.kv_index: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, S'] logical positions kept in the cache
         self.kv_dead: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, S'] padding slots of ragged KV keeps
@@ -108,6 +112,7 @@ class Session:
                 self._set_attr(m, "_vlmplug_vision_idx", i)
         base = ad.base_model
         self._hooks.append(base.register_forward_pre_hook(self._on_base_forward, with_kwargs=True))
+        self._hooks.append(base.register_forward_hook(self._after_base_forward))
         self._wrap_image_features(base)
         drop_layers = {m.drop_layer for m in self.methods if getattr(m, "drop_layer", None) is not None}
         if len(drop_layers) > 1:
@@ -115,7 +120,8 @@ class Session:
         if drop_layers:
             from .backend.drop import install_drop_hooks
 
-            self._hooks += install_drop_hooks(self, drop_layers.pop())
+            pre = any(getattr(m, "hide_before", False) for m in self.methods)
+            self._hooks += install_drop_hooks(self, drop_layers.pop(), start=0 if pre else None)
         if any(getattr(m, "kv_prune_layers", None) for m in self.methods):
             from .backend.kvprune import install_kv_hooks
 
@@ -148,11 +154,51 @@ class Session:
                     pass
             session.pending_meta = session.adapter.capture_meta(bound)
             session._layout_done = False
-            return orig(*args, **kwargs)
+            out = orig(*args, **kwargs)
+            return session._on_image_features(out)
 
         get_image_features.__vlmplug_wrapper__ = True
         base.get_image_features = get_image_features
         self._wrapped_base = base
+
+    def _on_image_features(self, out):
+        """Let methods read or edit the projected image features before the LLM sees them. Inside a
+        forward the layout is known at once; generate() encodes images before the prefill forward, so
+        there the edit waits for the prefill pre-hook (the same tensors are scattered later)."""
+        if not any(hasattr(m, "on_image_features") for m in self.methods):
+            return out
+        self._feature_out = out
+        if self._in_forward:
+            self._apply_feature_methods()
+        return out
+
+    def _apply_feature_methods(self) -> None:
+        out, self._feature_out = self._feature_out, None
+        feats = getattr(out, "pooler_output", None) if out is not None else None
+        lay = self.layout
+        if feats is None or lay is None:
+            return
+        images = [(b, im) for b, s in enumerate(lay.samples) for im in s.images]
+        sizes = [int(im.positions.numel()) for _, im in images]
+        if isinstance(feats, torch.Tensor):
+            flat = feats.reshape(-1, feats.shape[-1])
+            if flat.data_ptr() != feats.data_ptr() or flat.shape[0] != sum(sizes):
+                warnings.warn("vlmplug: image features do not match the image tokens; feature methods skipped")
+                return
+            rows = list(flat.split(sizes))
+        else:  # one block per image, or per sample holding several images (Idefics3): views per image
+            rows, queue = [], [x.reshape(-1, x.shape[-1]) for x in feats if x.numel()]
+            for n in sizes:
+                while queue and queue[0].shape[0] == 0:
+                    queue.pop(0)
+                if not queue or queue[0].shape[0] < n:
+                    warnings.warn("vlmplug: image features do not match the image tokens; feature methods skipped")
+                    return
+                rows.append(queue[0][:n])
+                queue[0] = queue[0][n:]
+        for m in self.methods:
+            if hasattr(m, "on_image_features"):
+                m.on_image_features(rows, images, self)
 
     def uninstall(self) -> None:
         for m in reversed(self.methods):
@@ -193,7 +239,7 @@ class Session:
             am = kwargs.get("attention_mask")
             self.attention_mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
             self._layout, self._layout_done = None, False
-            self.keep, self.dead, self.kv_index, self.kv_dead = None, None, {}, {}
+            self.keep, self.dead, self.hidden, self.kv_index, self.kv_dead = None, None, None, {}, {}
             self.prompt_len = q_len or 0
             self.logical_len = self.prompt_len
         else:
@@ -201,6 +247,13 @@ class Session:
             self.logical_len = past + (q_len or 0)
         for m in self.methods:
             m.begin_forward(self)
+        self._in_forward = True
+        if self.phase == "prefill" and self._feature_out is not None:
+            self._apply_feature_methods()
+        return None
+
+    def _after_base_forward(self, module, args, output):
+        self._in_forward = False
         return None
 
     @property

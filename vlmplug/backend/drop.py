@@ -49,14 +49,60 @@ def equalize(keeps: list[torch.Tensor], L: int, pad: torch.Tensor | None) -> tup
     return torch.stack(out), torch.stack(dead)
 
 
-def install_drop_hooks(session, K: int) -> list:
+def install_drop_hooks(session, K: int, start: int | None = None) -> list:
+    """Hooks for dropping before layer K. With `start` < K (pre-LLM selection, e.g. vision-side
+    methods), layers start..K-1 already hide the dropped tokens through the mask, so the result equals
+    removing them before the LLM while layer 0 keeps the logical cache length."""
     layers = session.adapter.decoder_layers()
     if not session.adapter.min_drop_layer <= K < len(layers):
         raise MethodConfigError(
             f"tokens can be dropped before layers {session.adapter.min_drop_layer}..{len(layers) - 1} of this model, got {K}"
         )
-    session.drop_layer = K
-    return [layers[li].register_forward_pre_hook(_make_hook(session, li, K), with_kwargs=True) for li in range(K, len(layers))]
+    start = K if start is None else start
+    session.drop_layer, session.select_layer = K, start
+    return [layers[li].register_forward_pre_hook(_make_hook(session, li, K, start), with_kwargs=True)
+            for li in range(start, len(layers))]
+
+
+def _select(session, hs, K):
+    session.keep, session.dead, session.hidden = None, None, None
+    for m in session.methods:
+        if getattr(m, "drop_layer", None) == K:
+            keep = m.tokens_to_keep(session.drop_context(hs))
+            if keep is None:
+                continue
+            if isinstance(keep, (list, tuple)):
+                pad = ~session.attention_mask.bool().cpu() if session.attention_mask is not None else None
+                keep, dead = equalize([k.cpu() for k in keep], hs.shape[1], pad)
+            else:
+                dead = None
+            session.keep, session.dead = keep, dead
+            hidden = torch.ones(keep.shape[0], hs.shape[1], dtype=torch.bool)
+            alive = keep if dead is None else keep.masked_fill(dead, -1)
+            for b in range(keep.shape[0]):
+                a = alive[b][alive[b] >= 0]
+                hidden[b, a] = False
+            session.hidden = hidden
+
+
+def _mask_only(session, kwargs, hs, decode: bool):
+    """Layers before K under pre-LLM selection: same length, dropped tokens invisible as keys."""
+    hidden = session.hidden
+    if hidden is None:
+        return None
+    B, q = hs.shape[0], hs.shape[1]
+    m = kwargs.get("attention_mask")
+    if decode:
+        if not (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] == session.logical_len):
+            m = session.logical_mask(B, q, hs.device)
+        tail = torch.zeros(B, session.logical_len - hidden.shape[1], dtype=torch.bool)
+        kwargs["attention_mask"] = _hide_dead(m, torch.cat([hidden, tail], 1), None)
+        return kwargs
+    if not (isinstance(m, torch.Tensor) and m.dim() == 4):
+        pos = torch.arange(q, device=hs.device)
+        m = (pos[:, None] >= pos[None, :])[None, None].expand(B, 1, q, q)
+    kwargs["attention_mask"] = _hide_dead(m, hidden, hidden)
+    return kwargs
 
 
 def _hide_dead(m: torch.Tensor, dead_kv: torch.Tensor, q_dead: torch.Tensor | None) -> torch.Tensor:
@@ -71,22 +117,15 @@ def _hide_dead(m: torch.Tensor, dead_kv: torch.Tensor, q_dead: torch.Tensor | No
     return m
 
 
-def _make_hook(session, li: int, K: int):
+def _make_hook(session, li: int, K: int, start: int):
     def hook(module, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
         if session.phase == "prefill":
-            hs = args[0] if args else kwargs["hidden_states"]
-            if li == K:
-                session.keep, session.dead = None, None
-                for m in session.methods:
-                    if getattr(m, "drop_layer", None) == K:
-                        keep = m.tokens_to_keep(session.drop_context(hs))
-                        if keep is not None:
-                            if isinstance(keep, (list, tuple)):
-                                pad = ~session.attention_mask.bool().cpu() if session.attention_mask is not None else None
-                                keep, dead = equalize([k.cpu() for k in keep], hs.shape[1], pad)
-                            else:
-                                dead = None
-                            session.keep, session.dead = keep, dead
+            if li == start:
+                _select(session, hs, K)
+            if li < K:
+                out = _mask_only(session, kwargs, hs, decode=False)
+                return None if out is None else (args, out)
             keep, dead = session.keep, session.dead
             if keep is None:
                 return None
@@ -113,11 +152,13 @@ def _make_hook(session, li: int, K: int):
             if isinstance(pid, torch.Tensor) and pid.dim() == 2:
                 kwargs["position_ids"] = _gather_seq(pid, keep, 1)
             return args, kwargs
+        if li < K:
+            out = _mask_only(session, kwargs, hs, decode=True)
+            return None if out is None else (args, out)
         keep, dead = session.keep, session.dead
         if keep is None:
             return None
         m = kwargs.get("attention_mask")
-        hs = args[0] if args else kwargs["hidden_states"]
         B, q, S = keep.shape[0], hs.shape[1], session.logical_len
         if (m is None and dead is not None) or (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] != S):
             # Hybrid models size some decode masks by a pruned or sliding cache: rebuild the logical

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 from PIL import Image, ImageDraw
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
-PLURALS: dict[str, str] = {s: s + "s" for s in SHAPES}
+PLURALS: dict[str, str] = {s: s + ("es" if s.endswith(("s", "x")) else "s") for s in SHAPES}
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
     "green": (35, 170, 55),

@@ -43,6 +43,10 @@ class TrainConfig:
     warmup: int = 60
     min_lr_ratio: float = 0.05
     aux_weight: float = 0.5
+    attn_weight: float = 0.5
+    attn_layers: tuple[int, ...] = (1, 2)
+    attn_heads: tuple[int, ...] = (0, 2)
+    key_layer: int = 0
     turns: tuple[int, int] = (3, 6)
     seed: int = 0
     threads: int = 1
@@ -107,14 +111,20 @@ class Encoder:
         """Same ids as the chat template + processor produce for one image and one question."""
         return [self.bos] + self.user + [self.image_id] * NUM_IMAGE_TOKENS + self.q_ids(question) + self.assistant
 
-    def conversation(self, questions: list[S.Question]) -> tuple[list[int], list[int]]:
-        ids, labels = [], []
+    def conversation(self, questions: list[S.Question]):
+        """Token ids, labels (answers + their eos only), per question the position whose logits give the answer, and
+        per question the positions of its key words (shape, plural, colour)."""
+        ids, labels, query_pos, key_pos = [], [], [], []
         for t, q in enumerate(questions):
             head = self.prompt_ids(q.text) if t == 0 else self.user + self.q_ids(q.text) + self.assistant
             ans = self.q_ids(q.answer) + [self.eos]
-            ids += head + ans
+            keys = set(self.q_ids(q.shape) + self.q_ids(S.PLURALS[q.shape]) + (self.q_ids(q.color) if q.color else []))
+            key_pos.append([len(ids) + i for i, tid in enumerate(head) if tid in keys])
+            ids += head
+            query_pos.append(len(ids) - 1)
+            ids += ans
             labels += [-100] * len(head) + ans
-        return ids, labels
+        return ids, labels, query_pos, key_pos
 
     def aux_targets(self, scene: S.Scene):
         """Per-patch (shape, colour, centre-shape) classes; 0 = background / no centre."""
@@ -139,7 +149,7 @@ class Encoder:
             gx = min(GRID - 1, int(cx / w * GRID))
             gy = min(GRID - 1, int(cy / h * GRID))
             centre[gy * GRID + gx] = self.shape_index[o.shape]
-        return shape_of[best], color_of[best], centre
+        return (shape_of[best], color_of[best], centre), counts
 
 
 def sample_questions(scene: S.Scene, rng: random.Random, n: int) -> list[S.Question]:
@@ -159,6 +169,8 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
     import torch
 
     images, seqs, labs, aux = [], [], [], []
+    sup_b, sup_pos, sup_t = [], [], []
+    key_b, key_q, key_k = [], [], []  # (sample, query position, key-word position) triples
     while len(images) < cfg.batch_size:
         opts = curriculum(progress, rng)
         scene = S.random_scene(rng, kinds=(), **opts)
@@ -172,11 +184,27 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
                 qs.insert(rng.randint(0, len(qs)), q)
         if not qs:
             continue
-        ids, lab = enc.conversation(qs)
+        ids, lab, qpos, kpos = enc.conversation(qs)
+        targets, counts = enc.aux_targets(scene)
+        for pos, keys in zip(qpos, kpos):
+            for k in keys:
+                key_b.append(len(images))
+                key_q.append(pos)
+                key_k.append(k)
+        for q, pos in zip(qs, qpos):
+            objs = attention_targets(scene, q)
+            if not objs:
+                continue
+            w = counts[:, [i + 1 for i in objs]].sum(1).astype("float32")
+            if w.sum() <= 0:
+                continue
+            sup_b.append(len(images))
+            sup_pos.append(pos)
+            sup_t.append(w / w.sum())
         images.append(scene.image)
         seqs.append(ids)
         labs.append(lab)
-        aux.append(enc.aux_targets(scene))
+        aux.append(targets)
     L = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), L), enc.pad, dtype=torch.long)
     labels = torch.full((len(seqs), L), -100, dtype=torch.long)
@@ -189,7 +217,22 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
     import numpy as np
 
     aux_t = [torch.from_numpy(np.stack([a[k] for a in aux])).long() for k in range(3)]
-    return dict(input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, labels=labels), aux_t
+    sup = (
+        torch.tensor(sup_b, dtype=torch.long),
+        torch.tensor(sup_pos, dtype=torch.long),
+        torch.from_numpy(np.stack(sup_t)) if sup_t else torch.zeros(0, NUM_IMAGE_TOKENS),
+        torch.tensor(key_b, dtype=torch.long),
+        torch.tensor(key_q, dtype=torch.long),
+        torch.tensor(key_k, dtype=torch.long),
+    )
+    return dict(input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, labels=labels), aux_t, sup
+
+
+def attention_targets(scene: S.Scene, q: S.Question) -> list[int]:
+    """Indices of the objects a question is about (where the answer's attention should look); [] if none."""
+    if q.kind == "count":
+        return [i for i, o in enumerate(scene.objects) if o.shape == q.shape]
+    return [] if q.target is None else [q.target]
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -238,6 +281,29 @@ def fast_accuracy(model, enc: Encoder, items, batch_size: int = 64) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------------- training
+
+
+def init_vision_positions(model, scale: float = 0.5) -> None:
+    """2-D sin-cos initial position embeddings for the vision tower, large enough to stand out against patch
+    content: with the default tiny random init, positions (needed for "where" questions) are learned very slowly."""
+    import torch
+
+    emb = next(m for n, m in model.named_modules() if n.endswith("vision_tower") or n == "vision_tower")
+    table = next(m for m in emb.modules() if hasattr(m, "position_embedding")).position_embedding.weight
+    dim = table.shape[1]
+    q = dim // 4
+    omega = 1.0 / (100.0 ** (torch.arange(q, dtype=torch.float32) / q))
+    ys, xs = torch.meshgrid(torch.arange(GRID, dtype=torch.float32), torch.arange(GRID, dtype=torch.float32), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        ang = coord[:, None] * omega[None]
+        parts += [torch.sin(ang), torch.cos(ang)]
+    pe = torch.cat(parts, 1)
+    if pe.shape[1] < dim:
+        pe = torch.cat([pe, torch.zeros(pe.shape[0], dim - pe.shape[1])], 1)
+    with torch.no_grad():
+        table[1:] = scale * pe
+        table[0] = 0.0
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -304,9 +370,15 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
     processor = build_processor()
     enc = Encoder(processor)
     model = build_model(seed=cfg.seed, **cfg.model_sizes)
+    init_vision_positions(model)
+    if cfg.attn_weight:
+        # Attention supervision needs the attention probabilities: eager attention in the decoder while training.
+        model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa", "": "sdpa"})
     model.train()
     hidden = model.config.text_config.hidden_size
-    aux_head = torch.nn.Linear(hidden, 1 + len(S.SHAPES) + 1 + len(S.COLORS) + 1 + len(S.SHAPES))
+    aux_head = torch.nn.Linear(hidden, 1 + len(S.SHAPES) + 1 + len(S.COLORS) + 1 + len(S.SHAPES) + 2 * GRID)
+    grid_rows = torch.arange(NUM_IMAGE_TOKENS) // GRID
+    grid_cols = torch.arange(NUM_IMAGE_TOKENS) % GRID
     n_shape, n_color = 1 + len(S.SHAPES), 1 + len(S.COLORS)
 
     decay, no_decay, proj = [], [], []
@@ -340,27 +412,53 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
         f = _lr_factor(step, cfg)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f
-        batch, aux = make_batch(enc, rng, step / max(1, cfg.steps), cfg)
-        outputs = model(**batch)
+        batch, aux, sup = make_batch(enc, rng, step / max(1, cfg.steps), cfg)
+        outputs = model(**batch, output_attentions=bool(cfg.attn_weight))
         lm_loss = outputs.loss
         img = outputs.image_hidden_states.reshape(len(batch["input_ids"]), NUM_IMAGE_TOKENS, hidden)
         logits = aux_head(img)
-        ls, lc, lz = logits.split([n_shape, n_color, n_shape], dim=-1)
+        ls, lc, lz, lr_, lcol = logits.split([n_shape, n_color, n_shape, GRID, GRID], dim=-1)
         ce = torch.nn.functional.cross_entropy
+        B = len(batch["input_ids"])
         aux_loss = (
             ce(ls.reshape(-1, n_shape), aux[0].reshape(-1))
             + ce(lc.reshape(-1, n_color), aux[1].reshape(-1))
             + ce(lz.reshape(-1, n_shape), aux[2].reshape(-1))
-        ) / 3
+            + ce(lr_.reshape(-1, GRID), grid_rows.repeat(B))  # keep "where" linearly readable from each patch
+            + ce(lcol.reshape(-1, GRID), grid_cols.repeat(B))
+        ) / 5
         loss = lm_loss + cfg.aux_weight * aux_loss
+        attn_loss = torch.zeros(())
+        if cfg.attn_weight and len(sup[0]):
+            # Supervised retrieval heads: from the answer position, attention (renormalised over the image tokens)
+            # should fall on the objects the question is about.
+            img_pos = (batch["input_ids"][0] == enc.image_id).nonzero().squeeze(-1)
+            heads = torch.tensor(cfg.attn_heads)
+            terms = []
+            for layer in cfg.attn_layers:
+                att = outputs.attentions[layer][sup[0]]  # (N, heads, L, L)
+                att = att[torch.arange(len(sup[0])), :, sup[1]][:, heads][:, :, img_pos]  # (N, h, 64)
+                logp = torch.log(att / att.sum(-1, keepdim=True).clamp_min(1e-9) + 1e-9)
+                terms.append(-(sup[2][:, None, :] * logp).sum(-1).mean())
+            # First hop: in an earlier layer the answer position reads the question's key words (shape, colour).
+            kb, kq, kk = sup[3], sup[4], sup[5]
+            if len(kb):
+                att = outputs.attentions[cfg.key_layer][:, heads]  # (B, h, L, L)
+                mass = torch.zeros(att.shape[0], len(heads), att.shape[2])
+                mass.index_put_((kb[:, None].expand(-1, len(heads)), torch.arange(len(heads))[None].expand(len(kb), -1), kq[:, None].expand(-1, len(heads))),
+                                att[kb, :, kq, kk], accumulate=True)
+                sel = mass[kb, :, kq]  # (n, h): total mass on key words, one row per key (duplicates fine)
+                terms.append(-torch.log(sel.clamp_min(1e-6)).mean())
+            attn_loss = torch.stack(terms).mean()
+            loss = loss + cfg.attn_weight * attn_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux_head.parameters()), cfg.grad_clip)
         opt.step()
         ema = lm_loss.item() if ema is None else 0.95 * ema + 0.05 * lm_loss.item()
-        bar.set_postfix(lm=f"{ema:.3f}", aux=f"{aux_loss.item():.3f}")
+        bar.set_postfix(lm=f"{ema:.3f}", aux=f"{aux_loss.item():.3f}", attn=f"{attn_loss.item():.3f}")
         if step % 25 == 0:
-            emit(dict(step=step, lm=round(lm_loss.item(), 4), aux=round(aux_loss.item(), 4), lr=f, s=round(time.time() - t0, 1)))
+            emit(dict(step=step, lm=round(lm_loss.item(), 4), aux=round(aux_loss.item(), 4), attn=round(attn_loss.item(), 4), lr=f, s=round(time.time() - t0, 1)))
         last = step == cfg.steps - 1
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
             acc = fast_accuracy(model, enc, items)
@@ -370,6 +468,8 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
             if sc >= best:
                 best, best_acc = sc, dict(step=step + 1, **acc)
                 save(model, processor, out, dict(config=_cfg_dict(cfg), best=best_acc, history=history))
+    if cfg.attn_weight:
+        model.set_attn_implementation("sdpa")
     seconds = time.time() - t0
     metrics = dict(seconds=round(seconds, 1), best=best_acc, history=history, config=_cfg_dict(cfg))
     (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -382,6 +482,7 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
 def _cfg_dict(cfg: TrainConfig) -> dict:
     d = dict(cfg.__dict__)
     d["turns"] = list(d["turns"])
+    d["attn_layers"], d["attn_heads"] = list(d["attn_layers"]), list(d["attn_heads"])
     return d
 
 

@@ -1,0 +1,67 @@
+"""Shared plumbing of the methods that select image tokens before the LLM (vision side).
+
+They see each image's projected features (rows in the order of that image's token positions, views
+they may edit in place, e.g. to write merged tokens) and record which rows survive. The LLM then never
+attends to the dropped rows: layer 0 hides them through the mask and later layers do not hold them.
+Budgets (`keep_tokens` / `keep_ratio`) are per image.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...errors import MethodConfigError
+from ..base import Method
+from .common import budget, check_budget, drop_stats
+
+
+class PreLLMSelection(Method):
+    hide_before = True
+
+    def _init_budget(self, name: str):
+        check_budget(name, self.keep_ratio, self.keep_tokens)
+        if self.keep_ratio is None and self.keep_tokens is None:
+            self.keep_tokens = 64
+        self._selection = None
+
+    def check(self, adapter):
+        if adapter.num_layers <= adapter.min_drop_layer:
+            raise MethodConfigError(f"{self.name}: the model has too few decoder layers to drop tokens")
+        self.drop_layer = adapter.min_drop_layer
+
+    def image_budget(self, n: int) -> int:
+        return budget(n, self.keep_ratio, self.keep_tokens)
+
+    def on_image_features(self, rows, images, session):
+        """rows[i]: [n_i, D] features of images[i] = (sample index, ImageLayout). Sets the selection."""
+        keep = {}
+        for i, (x, (b, im)) in enumerate(zip(rows, images)):
+            keep[(b, id(im))] = self.select(x, im, i, session).sort().values
+        self._selection = keep
+
+    def select(self, x: torch.Tensor, image, index: int, session) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - each method implements it
+
+    def tokens_to_keep(self, ctx):
+        sel, self._selection = self._selection, None  # one selection serves one prompt
+        lay = ctx.layout
+        if sel is None or lay is None:
+            return None
+        keeps = []
+        for b, s in enumerate(lay.samples):
+            pos = torch.arange(ctx.q_len)
+            parts = [pos[~torch.isin(pos, s.image_positions)]]
+            for im in s.images:
+                rows = sel.get((b, id(im)))
+                parts.append(im.positions if rows is None else im.positions[rows])
+            keeps.append(torch.cat(parts).sort().values)
+        return keeps
+
+    def stats(self):
+        s = self.session
+        if s is None or s.input_ids is None:
+            return {}
+        n = s.adapter.num_layers
+        L = s.prompt_len
+        Lk = int(s.keep.shape[1]) if s.keep is not None else L
+        K = self.drop_layer
+        return drop_stats(s, [L] * K + [Lk] * (n - K))
