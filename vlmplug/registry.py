@@ -15,6 +15,8 @@ _METHOD_MODULES = (
     "vlmplug.methods.pruning.fastv",
     "vlmplug.methods.pruning.plphp",
     "vlmplug.methods.pruning.cluster",
+    "vlmplug.methods.pruning.hiprune",
+    "vlmplug.methods.pruning.visionzip",
 )
 _ADAPTER_MODULES = (
     "vlmplug.adapters.llava",

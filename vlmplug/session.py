@@ -129,6 +129,10 @@ class Session:
         for m in self.methods:
             m.attach(self)
 
+    def add_hook(self, handle) -> None:
+        """Track a hook a method registered, so `remove()` takes it away."""
+        self._hooks.append(handle)
+
     def _set_attr(self, obj, name, value) -> None:
         setattr(obj, name, value)
         self._attrs.append((obj, name))
@@ -154,6 +158,9 @@ class Session:
                     pass
             session.pending_meta = session.adapter.capture_meta(bound)
             session._layout_done = False
+            for m in session.methods:
+                if hasattr(m, "begin_vision"):
+                    m.begin_vision()
             out = orig(*args, **kwargs)
             return session._on_image_features(out)
 

@@ -18,6 +18,18 @@ from ..registry import adapter_registry
 
 
 @dataclass
+class VisionGrid:
+    """The vision tower runs once over a batch of square crops (images or tiles) in the order their
+    tokens appear; each crop's patches (after an optional CLS token) pool `pool` x `pool` into one
+    LLM token. `feature_layer`: index of the vision attention whose output feeds the projector."""
+
+    cls: bool
+    pool: int
+    feature_layer: int
+    num_layers: int
+
+
+@dataclass
 class ImageMeta:
     """What the image-feature call of one forward told us, per image in batch order."""
 
@@ -115,6 +127,11 @@ class Adapter:
                 if any(hasattr(m, a) for a in ("q_proj", "qkv", "k_proj")):
                     out.append(m)
         return out
+
+    def vision_grid(self) -> "VisionGrid | None":
+        """How vision-tower patches become LLM image tokens, for methods that score patches in the
+        vision tower; None where that mapping is not implemented for the family."""
+        return None
 
     # ------------------------------------------------------------------ images
     def capture_meta(self, bound: dict[str, Any]) -> ImageMeta:

@@ -22,3 +22,12 @@ class Gemma3Adapter(Adapter):
             im.processed_size = (S, S)
             images.append(im)
         return images
+
+    def vision_grid(self):
+        from .base import VisionGrid
+
+        v = self.config.vision_config
+        side = int(v.image_size) // int(v.patch_size)
+        tok = int(round(int(self.config.mm_tokens_per_image) ** 0.5))
+        n = int(v.num_hidden_layers)
+        return VisionGrid(cls=False, pool=side // tok, feature_layer=n - 1, num_layers=n)

@@ -73,3 +73,9 @@ class Idefics3Adapter(Adapter):
         im = ImageLayout(positions=allpos, views=views, main=len(views) - 1)
         im.processed_size = (W, H)
         return im
+
+    def vision_grid(self):
+        from .base import VisionGrid
+
+        n = int(self.config.vision_config.num_hidden_layers)
+        return VisionGrid(cls=False, pool=int(self.config.scale_factor), feature_layer=n - 1, num_layers=n)

@@ -36,6 +36,17 @@ class LlavaAdapter(Adapter):
             images.append(im)
         return images
 
+    def vision_grid(self):
+        from .base import VisionGrid
+
+        if getattr(self.config, "vision_feature_select_strategy", "default") != "default":
+            return None
+        vfl = self.config.vision_feature_layer
+        if not isinstance(vfl, int):
+            return None
+        n = int(self.config.vision_config.num_hidden_layers)
+        return VisionGrid(cls=True, pool=1, feature_layer=vfl % (n + 1) - 1, num_layers=n)
+
     def _mode(self) -> str:
         ip = getattr(self.processor, "image_processor", self.processor)
         if ip is None:

@@ -1,0 +1,211 @@
+"""HiPrune and VisionZip against references written from the papers' rules over eager vision
+attention (captured with an eager attention function on the unpatched model), and end-to-end against
+masked eager attention with the reference's tokens removed."""
+import pytest
+import torch
+
+import vlmplug
+from conftest import tiny
+from reference import eager_softmax, masked_eager_attention, register_reference
+from vlmplug.testing.tiny import make_batch, split_batch
+
+GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+HIPRUNE_FAMS = ["llava", "gemma3", "idefics3", "smolvlm"]
+
+
+def _vision_capture(model, inputs):
+    """Eager attention maps of every vision attention call, keys, and the projector input."""
+    maps, keys, proj_in = {}, {}, []
+
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        a = eager_softmax(module, query, key, attention_mask, scaling, dict(kwargs, is_causal=False))
+        maps.setdefault(id(module), []).append(a.float())
+        keys.setdefault(id(module), []).append(key.mean(1).double())
+        out = (a @ value.double()).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+
+    register_reference("refvis", fn)
+    handles = []
+    proj = getattr(model.base_model, "multi_modal_projector", None)
+    if proj is not None:
+        handles.append(proj.register_forward_pre_hook(lambda m, a: proj_in.append(a[0].detach().clone())))
+    model.set_attn_implementation({"vision_config": "refvis"})
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+        for h in handles:
+            h.remove()
+    from vlmplug.adapters import get_adapter
+
+    mods = get_adapter(model).vision_attention_modules()
+    return [torch.cat(maps[id(m)]) for m in mods], [torch.cat(keys[id(m)]) for m in mods], proj_in
+
+
+def _pool(s, grid):
+    if grid.cls:
+        s = s[:, 1:]
+    side = int(round(s.shape[1] ** 0.5))
+    if grid.pool > 1:
+        s = torch.nn.functional.avg_pool2d(s.view(-1, 1, side, side).double(), grid.pool).flatten(1)
+    return s.double()
+
+
+def _hiprune_ref(obj, deep, width, k, alpha):
+    n = obj.numel()
+    if k >= n:
+        return list(range(n))
+    anchors = sorted(range(n), key=lambda i: (-float(obj[i]), i))[: round(k * alpha / 5)]
+    chosen = []
+    for a in anchors:
+        for j in (a, a - 1, a + 1, a - width, a + width):
+            j = min(max(j, 0), n - 1)
+            if j not in chosen:
+                chosen.append(j)
+    chosen = chosen[:k]
+    rest = [i for i in sorted(range(n), key=lambda i: (-float(deep[i]), i)) if i not in chosen]
+    return sorted(chosen + rest[: k - len(chosen)])
+
+
+def _alive(h, b):
+    s = h.session
+    keep = s.keep[b] if s.dead is None else s.keep[b][~s.dead[b]]
+    return keep
+
+
+@pytest.mark.parametrize("fam", HIPRUNE_FAMS)
+def test_hiprune_matches_reference(fam):
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
+    from vlmplug.adapters import get_adapter
+
+    grid = get_adapter(model).vision_grid()
+    maps, _, _ = _vision_capture(model, batch.inputs)
+    # column mean over queries, mean over heads
+    obj = _pool(maps[0].mean(1).mean(1), grid)
+    deep = _pool(maps[grid.feature_layer].mean(1).mean(1), grid)
+    ratio, alpha = 0.5, 0.4
+    with vlmplug.apply(model, "hiprune", keep_ratio=ratio, object_layer=1, alpha=alpha) as h, torch.no_grad():
+        out = model(**batch.inputs).logits[:, -1]
+        g = model.generate(**batch.inputs, **GEN)
+        lay = h.layout
+        alive = [_alive(h, b) for b in range(2)]
+    crop = 0
+    dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
+    tpc = obj.shape[1]
+    for b, s in enumerate(lay.samples):
+        for im in s.images:
+            n = im.positions.numel()
+            crops = n // tpc
+            k_total = int(round(n * ratio))
+            ref = []
+            for c in range(crops):
+                k = k_total // crops + (1 if c < k_total % crops else 0)
+                ref += [i + c * tpc for i in _hiprune_ref(obj[crop + c], deep[crop + c], int(round(tpc ** 0.5)), k, alpha)]
+            crop += crops
+            got = sorted(torch.nonzero(torch.isin(im.positions, alive[b])).flatten().tolist())
+            assert got == sorted(ref)
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[ref] = False
+            dropped[b, im.positions[mask]] = True
+    register_reference("refhip", masked_eager_attention(drop_from_layer=0, dropped=dropped))
+    model.set_attn_implementation({"text_config": "refhip"})
+    try:
+        with torch.no_grad():
+            ref_out = model(**batch.inputs).logits[:, -1]
+            # Gemma 3's tiny sliding window is shorter than the prompt: decoding differs by design (README)
+            gr = None if fam == "gemma3" else model.generate(**batch.inputs, **GEN)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    assert (out - ref_out).abs().max() <= 1e-5
+    if gr is None:
+        return
+    assert torch.equal(g.sequences, gr.sequences)
+    for a, b_ in zip(g.logits, gr.logits):
+        assert (a - b_).abs().max() <= 1e-4
+
+
+def _visionzip_ref(cls_attn, keys, hidden, k, share):
+    n = cls_attn.numel()
+    n_dom = min(k, round(k * share))
+    dom = sorted(sorted(range(n), key=lambda i: (-float(cls_attn[i]), i))[:n_dom])
+    rest = [i for i in range(n) if i not in dom]
+    n_ctx = k - n_dom
+    step = max(1, len(rest) // n_ctx)
+    targets = [rest[i] for i in range(0, len(rest), step)][:n_ctx]
+    others = [i for i in rest if i not in targets]
+    kn = torch.nn.functional.normalize(keys.double(), dim=-1)
+    h = hidden.double().clone()
+    groups = {t: [] for t in targets}
+    for o in others:
+        sims = [float(kn[o] @ kn[t]) for t in targets]
+        groups[targets[max(range(len(targets)), key=lambda j: (sims[j], -j))]].append(o)
+    for t, members in groups.items():
+        if members:
+            h[t] = hidden[t].double() + hidden[members].double().mean(0)
+    return sorted(dom + targets), h
+
+
+def test_visionzip_matches_reference_end_to_end():
+    model = tiny("llava")
+    batch = make_batch("llava", model, (1, 2))
+    from vlmplug.adapters import get_adapter
+
+    grid = get_adapter(model).vision_grid()
+    maps, keys, proj_in = _vision_capture(model, batch.inputs)
+    cls = maps[grid.feature_layer][:, :, 0, 1:].sum(1)
+    ks = keys[grid.feature_layer][:, 1:]
+    hidden = proj_in[0]
+    k, share = 8, 5.4 / 6.4
+    refs = [_visionzip_ref(cls[c], ks[c], hidden[c], k, share) for c in range(hidden.shape[0])]
+    with vlmplug.apply(model, "visionzip", keep_tokens=k) as h, torch.no_grad():
+        g = model.generate(**batch.inputs, **GEN)
+        lay = h.layout
+        alive = [_alive(h, b) for b in range(2)]
+    images = [(b, im) for b, s in enumerate(lay.samples) for im in s.images]
+    dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
+    for (b, im), (ref_keep, _) in zip(images, refs):
+        got = sorted(torch.nonzero(torch.isin(im.positions, alive[b])).flatten().tolist())
+        assert got == ref_keep
+        mask = torch.ones(im.positions.numel(), dtype=torch.bool)
+        mask[ref_keep] = False
+        dropped[b, im.positions[mask]] = True
+    # reference run: merged projector input + the reference's tokens removed from layer 0 on
+    merged = torch.stack([r[1] for r in refs]).to(hidden.dtype)
+    hook = model.base_model.multi_modal_projector.register_forward_pre_hook(lambda m, a: (merged,))
+    register_reference("refvz", masked_eager_attention(drop_from_layer=0, dropped=dropped))
+    model.set_attn_implementation({"text_config": "refvz"})
+    try:
+        with torch.no_grad():
+            gr = model.generate(**batch.inputs, **GEN)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+        hook.remove()
+    assert torch.equal(g.sequences, gr.sequences)
+    for a, b_ in zip(g.logits, gr.logits):
+        assert (a - b_).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("meth,fam,kw", [("hiprune", "llava", dict(object_layer=1)), ("hiprune", "idefics3", dict(object_layer=1)),
+                                         ("visionzip", "llava", {})])
+def test_identity_and_padded_batch(meth, fam, kw):
+    model = tiny(fam)
+    batch = make_batch(fam, model, (2, 1, 0))
+    with torch.no_grad():
+        ref = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
+    with vlmplug.apply(model, meth, keep_ratio=1.0, **kw), torch.no_grad():
+        assert torch.equal(model.generate(**batch.inputs, max_new_tokens=4, do_sample=False), ref)
+    with vlmplug.apply(model, meth, keep_tokens=5, **kw), torch.no_grad():
+        gt = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
+        for b in range(3):
+            ga = model.generate(**split_batch(batch, b).inputs, max_new_tokens=4, do_sample=False)
+            assert torch.equal(ga[0, -4:], gt[b, -4:])
+
+
+def test_unsupported_families_say_so():
+    with pytest.raises(vlmplug.MethodConfigError, match="not implemented for 'qwen2_vl'.*supported: \\['gemma3', 'idefics3', 'llava', 'smolvlm'\\]"):
+        vlmplug.apply(tiny("qwen2_vl"), "hiprune")
+    with pytest.raises(vlmplug.MethodConfigError, match="visionzip.*'gemma3' is not supported"):
+        vlmplug.apply(tiny("gemma3"), "visionzip")
+    assert "_vlmplug_handle" not in vars(tiny("gemma3"))

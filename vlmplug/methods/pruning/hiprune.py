@@ -1,0 +1,88 @@
+"""HiPrune (arXiv 2508.00553): training-free, in the vision encoder's attention.
+
+Per crop, with a budget of N' tokens:
+- anchors: the top round(N' * alpha / 5) tokens by the mean attention they receive at an
+  object-centric middle layer (`object_layer`, 1-based, default 9 for CLIP-L);
+- buffers: each anchor's 4 neighbours (+-1, +-W in the flattened grid, clamped; as in the official
+  code the +-1 step may cross a row edge);
+- registers: the rest of the budget from the highest mean attention at the deep (feature) layer,
+  excluding tokens already chosen.
+A multi-crop image (tiles) splits its budget evenly over its crops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...registry import register_method
+from ..base import check_range
+from .common import topk_sorted
+from .vision_common import PreLLMSelection
+from .vision_scores import VisionScores
+
+
+def hiprune_select(obj: torch.Tensor, deep: torch.Tensor, width: int, k: int, alpha: float) -> torch.Tensor:
+    n = obj.numel()
+    if k >= n:
+        return torch.arange(n)
+    n_anchor = int(round(k * alpha / 5))
+    anchors = torch.argsort(obj.double(), descending=True, stable=True)[:n_anchor]
+    chosen: list[int] = []
+    for a in anchors.tolist():
+        for j in (a, a - 1, a + 1, a - width, a + width):
+            j = min(max(j, 0), n - 1)
+            if j not in chosen:
+                chosen.append(j)
+    chosen = chosen[:k]
+    rest = deep.double().clone()
+    rest[chosen] -= 1.0
+    regs = torch.argsort(rest, descending=True, stable=True)[: k - len(chosen)]
+    return torch.cat([torch.tensor(chosen, dtype=torch.long), regs]).sort().values
+
+
+@register_method("hiprune")
+@dataclass
+class HiPrune(VisionScores, PreLLMSelection):
+    """Anchor, buffer and register tokens from vision-encoder attention (HiPrune)."""
+
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
+    object_layer: int = 9
+    alpha: float = 0.1
+
+    def __post_init__(self):
+        self._init_budget("hiprune")
+        check_range("hiprune", "object_layer", self.object_layer, 1, None, kind=int)
+        check_range("hiprune", "alpha", self.alpha, 0.0, 1.0)
+
+    def check(self, adapter):
+        PreLLMSelection.check(self, adapter)
+        grid = adapter.vision_grid()
+        if grid is not None and self.object_layer > grid.num_layers:
+            from ...errors import MethodConfigError
+
+            raise MethodConfigError(f"hiprune: object_layer={self.object_layer}; the vision tower has {grid.num_layers} layers")
+        deep = grid.feature_layer if grid is not None else -1
+        self._setup_vision(adapter, {self.object_layer - 1: "mean", deep: "mean"})
+        self._deep = deep % self._grid.num_layers
+
+    def on_image_features(self, rows, images, session):
+        self._obj_scores = self.token_scores(self.object_layer - 1)
+        self._deep_scores = self.token_scores(self._deep)
+        self._crop = 0
+        super().on_image_features(rows, images, session)
+
+    def select(self, x, image, index, session):
+        tpc = self._obj_scores.shape[1]
+        n = x.shape[0]
+        crops = n // tpc
+        k_total = self.image_budget(n)
+        width = int(round(tpc**0.5))
+        out = []
+        for c in range(crops):
+            k = k_total // crops + (1 if c < k_total % crops else 0)
+            i = self._crop + c
+            out.append(hiprune_select(self._obj_scores[i], self._deep_scores[i], width, k, self.alpha) + c * tpc)
+        self._crop += crops
+        return torch.cat(out)

@@ -1,0 +1,71 @@
+"""Patch scores from vision-tower attention, mapped onto LLM image tokens.
+
+Vision probes read, at chosen vision layers, either the CLS query's attention row or the mean
+attention each patch receives (mean over all queries): never a full attention map. Scores are
+averaged over heads, the CLS column is removed, and `pool` x `pool` patch blocks are averaged into
+one score per LLM token (Gemma 3 pooling, Idefics3 pixel shuffle). Crops come in token order.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...backend.plan import LayerPlan, Probe
+from ...errors import MethodConfigError
+
+
+class VisionScores:
+    """Mixin: collect per-crop token scores at `self._vision_layers` (dict layer -> "cls" | "mean")."""
+
+    needs_vision_attention = True
+
+    def _setup_vision(self, adapter, layers: dict[int, str]) -> None:
+        grid = adapter.vision_grid()
+        if grid is None:
+            from ...adapters.base import Adapter
+            from ...registry import adapter_registry
+
+            ok = sorted(mt for mt, cls in adapter_registry().items() if cls.vision_grid is not Adapter.vision_grid)
+            raise MethodConfigError(
+                f"{self.name}: scoring vision-tower patches is not implemented for {adapter.config.model_type!r} yet; "
+                f"supported: {ok}"
+            )
+        self._grid = grid
+        resolved = {}
+        for li, mode in layers.items():
+            idx = li % grid.num_layers if li < 0 else li
+            if not 0 <= idx < grid.num_layers:
+                raise MethodConfigError(f"{self.name}: vision layer {li} out of range 0..{grid.num_layers - 1}")
+            if mode == "cls" and not grid.cls:
+                mode = "mean"  # no CLS token (SigLIP): the mean attention a patch receives
+            resolved[idx] = mode
+        self._vision_layers = resolved
+        self._vis: dict[int, list[torch.Tensor]] = {}
+
+    def begin_vision(self) -> None:
+        self._vis = {}
+
+    def vision_plan(self, ctx):
+        mode = self._vision_layers.get(ctx.layer_idx)
+        if mode is None:
+            return None
+        sel = torch.zeros(ctx.batch, ctx.q_len, dtype=torch.bool)
+        if mode == "cls":
+            sel[:, 0] = True
+        else:
+            sel[:] = True
+        store = self._vis.setdefault(ctx.layer_idx, [])
+        return LayerPlan(probes=[Probe(sel, lambda p, c: store.append(p.mean(1).cpu()))])  # [crops, S]
+
+    def token_scores(self, layer: int) -> torch.Tensor:
+        """[n_crops, tokens_per_crop] scores of one vision layer for every crop of the last image batch."""
+        s = torch.cat(self._vis[layer], 0).double()
+        if self._grid.cls:
+            s = s[:, 1:]
+        n = s.shape[1]
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise MethodConfigError(f"{self.name}: {n} patches do not form a square grid")
+        p = self._grid.pool
+        if p > 1:
+            s = torch.nn.functional.avg_pool2d(s.view(-1, 1, side, side), p).flatten(1)
+        return s

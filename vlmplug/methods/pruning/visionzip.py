@@ -1,0 +1,118 @@
+"""VisionZip (Yang et al., CVPR 2025) on LLaVA-style CLIP towers.
+
+At the feature layer (LLaVA: -2):
+- dominant tokens: the top patches by CLS attention (summed over heads);
+- contextual tokens: the remaining patches' keys (mean over heads, L2-normalised) are compared with
+  `contextual` targets picked at a uniform stride; every other remaining patch joins its most similar
+  target, and the contextual token is target + mean(assigned), computed on the feature-layer hidden
+  states before the projector (as the official code does).
+Budget split as in the paper's settings (54+10 of 64, 108+20 of 128, 162+30 of 192): dominant =
+round(N' * 5.4 / 6.4). LLaVA-hf drops the CLS embedding from the LLM input, so there is no slot for
+the CLS token VisionZip adds: all N' kept tokens are patches (deviation, documented).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import MethodConfigError
+from ...registry import register_method
+from ..base import check_range
+from .common import topk_sorted
+from .vision_common import PreLLMSelection
+from .vision_scores import VisionScores
+
+
+def visionzip_select(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int, dominant_share: float):
+    """Returns (kept indices, hidden with contextual rows merged). cls_attn [n], keys [n, d], hidden [n, D]."""
+    n = cls_attn.numel()
+    if k >= n:
+        return torch.arange(n), hidden
+    n_dom = min(k, int(round(k * dominant_share)))
+    n_ctx = k - n_dom
+    dom = topk_sorted(cls_attn, n_dom)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[dom] = False
+    rest_idx = torch.nonzero(rest).flatten()
+    if n_ctx == 0 or rest_idx.numel() == 0:
+        return dom, hidden
+    step = max(1, rest_idx.numel() // n_ctx)
+    tgt_local = torch.arange(0, rest_idx.numel(), step)[:n_ctx]
+    is_tgt = torch.zeros(rest_idx.numel(), dtype=torch.bool)
+    is_tgt[tgt_local] = True
+    metric = torch.nn.functional.normalize(keys[rest_idx].double(), dim=-1)
+    sim = metric[~is_tgt] @ metric[is_tgt].T
+    assign = torch.argmax(sim, dim=1)
+    others = rest_idx[~is_tgt]
+    targets = rest_idx[is_tgt]
+    h = hidden.clone()
+    for j, t in enumerate(targets.tolist()):
+        members = others[assign == j]
+        if members.numel():
+            h[t] = (hidden[t].double() + hidden[members].double().mean(0)).to(hidden.dtype)
+    return torch.cat([dom, targets]).sort().values, h
+
+
+@register_method("visionzip")
+@dataclass
+class VisionZip(VisionScores, PreLLMSelection):
+    """Dominant (CLS-attended) plus merged contextual tokens at the vision feature layer (VisionZip)."""
+
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
+    dominant_share: float = 5.4 / 6.4
+
+    def __post_init__(self):
+        self._init_budget("visionzip")
+        check_range("visionzip", "dominant_share", self.dominant_share, 0.0, 1.0)
+
+    def check(self, adapter):
+        PreLLMSelection.check(self, adapter)
+        grid = adapter.vision_grid()
+        proj = getattr(adapter.base_model, "multi_modal_projector", None)
+        if grid is None or not grid.cls or grid.pool != 1 or proj is None:
+            raise MethodConfigError(
+                f"visionzip: needs a CLS vision tower feeding a multi_modal_projector one token per patch "
+                f"(LLaVA-1.5: model_type 'llava'); {adapter.config.model_type!r} is not supported yet"
+            )
+        self._setup_vision(adapter, {grid.feature_layer: "cls"})
+        self._layer = grid.feature_layer
+        self._attn = adapter.vision_attention_modules()[grid.feature_layer]
+        self._proj = proj
+
+    def attach(self, session):
+        super().attach(session)
+        session.add_hook(self._attn.k_proj.register_forward_hook(self._keys_hook))
+        session.add_hook(self._proj.register_forward_pre_hook(self._merge_hook))
+
+    def begin_vision(self):
+        super().begin_vision()
+        self._keys = []
+
+    def _keys_hook(self, module, args, output):
+        heads = int(self._attn.num_heads if hasattr(self._attn, "num_heads") else self._attn.config.num_attention_heads)
+        k = output.detach()
+        self._keys.append(k.view(*k.shape[:2], heads, -1).mean(2).cpu())  # [crops, S, d]
+
+    def _merge_hook(self, module, args):
+        feats = args[0]  # [crops, n_patches, D] feature-layer hidden states (CLS already dropped)
+        cls_attn = self.token_scores(self._layer)
+        keys = torch.cat(self._keys, 0)[:, 1:]
+        new = feats.clone()
+        self._crop_keep = []
+        for c in range(feats.shape[0]):
+            k = self.image_budget(feats.shape[1])
+            keep, h = visionzip_select(cls_attn[c], keys[c], feats[c], k, self.dominant_share)
+            new[c] = h
+            self._crop_keep.append(keep)
+        return (new,) + tuple(args[1:])
+
+    def on_image_features(self, rows, images, session):
+        self._crop = 0
+        super().on_image_features(rows, images, session)
+
+    def select(self, x, image, index, session):
+        keep = self._crop_keep[self._crop]
+        self._crop += 1
+        return keep
