@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch is installed first and exactly, so nothing later pulls CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-compat bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,8 +23,18 @@ run: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -q -p no:cacheprovider
 
+# The same suite against the oldest supported transformers (installed beside, not into, the venv).
+COMPAT_TF ?= 5.17.0
+COMPAT_DIR := .compat/transformers-$(COMPAT_TF)
+$(COMPAT_DIR)/.ok: $(STAMP)
+	$(VPY) -m pip install -q --target $(COMPAT_DIR) "transformers==$(COMPAT_TF)" "huggingface-hub>=1.5,<2" httpx
+	touch $@
+
+test-compat: $(COMPAT_DIR)/.ok
+	PYTHONPATH=$(COMPAT_DIR) HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -q -p no:cacheprovider --ignore=tests/test_world.py
+
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) eval/bench_backend.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .compat build *.egg-info
