@@ -104,3 +104,23 @@ def test_bf16_and_budget_errors(fam):
     with pytest.raises(vlmplug.MethodConfigError, match="layer=5"):
         vlmplug.apply(model, "fastv", layer=5)
     assert "_vlmplug_handle" not in vars(model)
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl", "internvl"])
+def test_composes_with_record(fam):
+    """record after a drop sees only kept image tokens, at their original grid cells."""
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
+    from vlmplug.methods.pruning.fastv import FastV
+
+    with vlmplug.apply(model, [vlmplug.Record(), FastV(layer=1, keep_tokens=3)]) as h, torch.no_grad():
+        model.generate(**batch.inputs, **GEN)
+        maps = h.image_attention()
+        lay = h.layout
+        for b in range(2):
+            alive = set(_alive_images(h, b))
+            for im, m in zip(lay.samples[b].images, maps[b]):
+                v = im.main_view
+                kept_cells = torch.tensor([int(p) in alive for p in v.positions]).view(v.rows, v.cols)
+                assert torch.equal(m[1].abs().sum(0) > 0, kept_cells)  # layer 1 (after the drop)
+                assert (m[0] > 0).all()  # layer 0 sees every token
