@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--clutter", action="store_true")
+    p.add_argument("--model", default=None, help="a world checkpoint folder (default: the shipped weights)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
 
     from vlmplug.world import QUESTION_KINDS, heldout_scenes, load_world
 
-    model, processor = load_world()
+    model, processor = load_world(path=a.model)
     scenes = heldout_scenes(a.n, seed=a.seed, clutter=a.clutter)
     t0 = time.time()
     rows = [("none", 1.0, evaluate(model, processor, scenes, desc="plain"))]
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     print(head)
     print("-" * len(head))
     for m, r, res in rows:
-        cells = "".join(f"{'-' if res['accuracy'][k] is None else f'{100 * res['accuracy'][k]:.1f}':>9}" for k in QUESTION_KINDS)
+        accs = [res["accuracy"][k] for k in QUESTION_KINDS]
+        cells = "".join(f"{'-' if x is None else format(100 * x, '.1f'):>9}" for x in accs)
         print(f"{m:<10}{r:>6.3f}{100 * res['overall']:>8.1f}%{cells}{res['prompt_tokens']:>8.1f}")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
