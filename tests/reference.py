@@ -110,3 +110,13 @@ def register_reference(name: str, fn) -> str:
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+def eager_attentions(model, inputs):
+    """Per-layer attention weights of the unpatched model with eager text attention."""
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})

@@ -5,18 +5,14 @@ import torch
 
 import vlmplug
 from conftest import tiny
+from reference import eager_attentions
 from vlmplug.testing.tiny import make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False)
 
 
 def _eager_layer_attn(model, inputs, layer):
-    model.set_attn_implementation({"text_config": "eager"})
-    try:
-        with torch.no_grad():
-            return model(**inputs, output_attentions=True).attentions[layer]
-    finally:
-        model.set_attn_implementation({"text_config": "sdpa"})
+    return eager_attentions(model, inputs)[layer]
 
 
 def _reference_keep(att, inputs, truth, ratio, mode="last"):

@@ -5,19 +5,11 @@ import torch
 
 import vlmplug
 from conftest import tiny
+from reference import eager_attentions as _eager_attn
 from reference import masked_eager_attention, register_reference
 from vlmplug.testing.tiny import make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-
-
-def _eager_attn(model, inputs):
-    model.set_attn_implementation({"text_config": "eager"})
-    try:
-        with torch.no_grad():
-            return model(**inputs, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation({"text_config": "sdpa"})
 
 
 def _reference(att, inputs, truth, r, delta, alpha, beta, hkv):

@@ -5,6 +5,7 @@ import torch
 
 import vlmplug
 from conftest import tiny
+from reference import eager_attentions as _eager_attentions
 from vlmplug.testing.tiny import make_batch, split_batch
 
 
@@ -22,15 +23,6 @@ def _views_by_truth(image_layout, truth_image):
         else:
             raise AssertionError(f"adapter has no view {tv.name!r}: {list(mine)}")
     return pairs
-
-
-def _eager_attentions(model, inputs):
-    model.set_attn_implementation({"text_config": "eager"})
-    try:
-        with torch.no_grad():
-            return model(**inputs, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation({"text_config": "sdpa"})
 
 
 def _last_real(am, b):

@@ -6,6 +6,7 @@ image-feature call carries what the layout needs, e.g. LLaVA-NeXT's `image_sizes
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,7 @@ def runs(positions: torch.Tensor) -> list[tuple[int, int]]:
     return out
 
 
-class Adapter:
+class Adapter(ABC):
     """Base adapter. Subclasses set `model_types` through `@register_adapter` and implement `locate_sample`."""
 
     model_types: tuple[str, ...] = ()
@@ -171,8 +172,9 @@ class Adapter:
             samples.append(SampleLayout(images=images, seq_len=L, first_real=first, last_real=last))
         return Layout(samples)
 
+    @abstractmethod
     def locate_sample(self, ids: torch.Tensor, pos: torch.Tensor, meta: ImageMeta | None, counter: "_ImageCounter") -> list[ImageLayout]:
-        raise NotImplementedError  # pragma: no cover - every registered adapter overrides it
+        """The images of one sample: `pos` are its image-token positions (sorted)."""
 
     def to_original(self, image: ImageLayout, size: tuple[int, int]) -> None:
         """Rescale boxes from the processed frame to the original (width, height). Default: the model

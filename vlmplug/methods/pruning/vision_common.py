@@ -39,7 +39,8 @@ class PreLLMSelection(Method):
         self._selection = keep
 
     def select(self, x: torch.Tensor, image, index: int, session) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - each method implements it
+        """Rows of `x` (one image's features) to keep; may rewrite rows in place (merged tokens)."""
+        raise TypeError(f"{type(self).__name__} must define select()")
 
     def tokens_to_keep(self, ctx):
         sel, self._selection = self._selection, None  # one selection serves one prompt
