@@ -9,6 +9,8 @@ All modes use logits_to_keep=1 (as generate() does at prefill), so the vocabular
 not hide attention's memory.
 
     python eval/bench_backend.py                       # CPU, depth cut to 8 text / 2 vision layers
+    python eval/bench_backend.py --text-layers 32 --vision-layers 24 --shared-weights --reps 0 --no-warmup
+                                                       # CPU, full depth, memory only (one forward per mode)
     python eval/bench_backend.py --device cuda --dtype bfloat16 --text-layers 32 --vision-layers 24
 """
 from __future__ import annotations
@@ -49,12 +51,16 @@ def worker(mode: str, args) -> dict:
     import torch
 
     import vlmplug
-    from vlmplug.testing.shapes import build_random, llava15_config, llava_prompt
+    from vlmplug.testing.shapes import build_random, deepen_shared, llava15_config, llava_prompt
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     dtype = getattr(torch, args.dtype)
-    cfg = llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
-    model = build_random(cfg, dtype=dtype, device=args.device)
+    if args.shared_weights:  # real depth, one layer's weights (see deepen_shared)
+        cfg = llava15_config(text_layers=1, vision_layers=1)
+        model = deepen_shared(build_random(cfg, dtype=dtype, device=args.device), args.text_layers, args.vision_layers)
+    else:
+        cfg = llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
+        model = build_random(cfg, dtype=dtype, device=args.device)
     inputs = llava_prompt(cfg, device=args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     extra = {"logits_to_keep": 1}
@@ -73,8 +79,9 @@ def worker(mode: str, args) -> dict:
             torch.cuda.synchronize()
         return out
 
-    out = run()  # warm-up
-    del out
+    if args.warmup:
+        out = run()
+        del out
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -96,7 +103,7 @@ def worker(mode: str, args) -> dict:
         o = run()
         times.append(time.perf_counter() - t)
         del o
-    return {"mode": mode, "seconds": statistics.median(times), "peak_bytes": peak,
+    return {"mode": mode, "seconds": statistics.median(times) if times else float("nan"), "peak_bytes": peak,
             "seq_len": int(inputs["input_ids"].shape[1])}
 
 
@@ -108,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--shared-weights", action="store_true", help="real depth with every layer sharing one layer's weights")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="measure memory on the first forward")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -119,6 +128,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--text-layers", str(args.text_layers),
                "--vision-layers", str(args.vision_layers), "--device", args.device, "--dtype", args.dtype,
                "--reps", str(args.reps), "--threads", str(args.threads)]
+        cmd += ["--shared-weights"] if args.shared_weights else []
+        cmd += [] if args.warmup else ["--no-warmup"]
         # large blocks via mmap and no heap hoarding: resident memory then follows live tensors
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -128,7 +139,8 @@ def main(argv=None) -> int:
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  measured {mode}: {results[mode]['seconds']:.3f} s", file=sys.stderr)
     base = results["sdpa"]
-    print(f"\nLLaVA-1.5 shapes, {args.text_layers} text / {args.vision_layers} vision layers, "
+    print(f"\nLLaVA-1.5 shapes, {args.text_layers} text / {args.vision_layers} vision layers"
+          f"{' sharing one set of weights' if args.shared_weights else ''}, "
           f"{base['seq_len']} tokens (576 image), {args.device} {args.dtype}")
     print(f"{'mode':<8} {'time (s)':>9} {'x sdpa':>7} {'peak (MiB)':>11} {'x sdpa':>7}")
     for mode in MODES:
@@ -142,6 +154,8 @@ def main(argv=None) -> int:
         "record_extra_mib": (rec["peak_bytes"] - base["peak_bytes"]) / 2**20,
         "eager_extra_mib": (eag["peak_bytes"] - base["peak_bytes"]) / 2**20,
     }
+    depth = f"{args.text_layers} text / {args.vision_layers} vision layers" + (" (shared weights)" if args.shared_weights else "")
+    print(f"({depth})")
     print(f"\nrecord / sdpa time: {summary['record_time_ratio']:.3f} (target <= 1.2)")
     print(f"eager / record peak memory: {summary['eager_over_record_peak']:.1f}x (target >= 5)")
     print(f"memory added to the SDPA forward: record {summary['record_extra_mib']:+.1f} MiB, "
