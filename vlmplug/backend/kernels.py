@@ -65,7 +65,7 @@ def run_probe(module, probe: Probe, query, key, attention_mask, scaling, causal_
             q = q.view(B, Hkv, G, rows.shape[1], D)
             scores = (q @ kf.transpose(-1, -2)).view(B, Hq, rows.shape[1], S) * scaling
             if bias is not None:
-                scores = scores + bias[:, :, None, :].float()
+                scores = scores + bias[:, :, None, :].to(scores.device, torch.float32)
             m = visible(attention_mask, causal_module, rows, Lq, S, query.device)
             if m is not None:
                 scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
@@ -97,11 +97,11 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
     if plan.bias is not None:  # per-head bias needs per-query-head keys
         k, v, G = expand_kv(k, G), expand_kv(v, G), 1
         extra_q.append(torch.ones(B, Hq, Lq, 1, dtype=q.dtype, device=q.device))
-        extra_k.append((plan.bias / scale).to(k.dtype)[..., None])
+        extra_k.append((plan.bias.to(k.device) / scale).to(k.dtype)[..., None])
     rd = plan.redistribute
     if rd is not None:
-        iS = rd.sinks.to(v.dtype)[:, None, :, None].expand(B, v.shape[1], S, 1)
-        iT = rd.targets.to(v.dtype)[:, None, :, None].expand(B, v.shape[1], S, 1)
+        iS = rd.sinks.to(v.device, v.dtype)[:, None, :, None].expand(B, v.shape[1], S, 1)
+        iT = rd.targets.to(v.device, v.dtype)[:, None, :, None].expand(B, v.shape[1], S, 1)
         extra_v += [v * iS, v * iT, iS, iT]
     if extra_q or extra_v:
         vv = torch.cat([v, *extra_v], dim=-1) if extra_v else v

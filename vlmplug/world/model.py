@@ -119,6 +119,8 @@ DEFAULT_SIZES: dict[str, Any] = dict(
     text_heads=4,
     text_kv_heads=2,
     text_mlp=384,
+    rope_theta=1e6,
+    text_head_dim=None,
 )
 
 
@@ -146,8 +148,14 @@ def build_config(**sizes: Any):
         num_hidden_layers=s["text_layers"],
         num_attention_heads=s["text_heads"],
         num_key_value_heads=s["text_kv_heads"],
+        head_dim=s["text_head_dim"] or s["text_hidden"] // s["text_heads"],
         max_position_embeddings=512,
+        # With 32-dim heads, content lookups from a question to image tokens 10-200 positions back need slow
+        # rotary frequencies; a large base (as in Qwen2) leaves about half of each head position-invariant.
+        rope_parameters={"rope_type": "default", "rope_theta": float(s["rope_theta"])},
         rms_norm_eps=1e-5,
+        # HF's default 0.02 suits hidden sizes in the thousands; a 128-wide model trains far faster at ~1/sqrt(d).
+        initializer_range=s["text_hidden"] ** -0.5,
         tie_word_embeddings=False,
         bos_token_id=vocab.index("<s>"),
         eos_token_id=vocab.index("</s>"),

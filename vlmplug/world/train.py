@@ -53,6 +53,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_per_kind: int = 96
     grad_clip: float = 1.0
+    minutes: float | None = None  # time-boxed run: the schedule follows wall time instead of ``steps``
     model_sizes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -306,11 +307,13 @@ def init_vision_positions(model, scale: float = 0.5) -> None:
         table[0] = 0.0
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
+def _lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to ``min_lr_ratio`` over the rest of ``progress``."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    w = cfg.warmup / max(1, cfg.steps) if not cfg.minutes else 0.0
+    t = (progress - w) / max(1e-9, 1 - w)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, t))))
 
 
 def _score(acc: dict[str, float]) -> float:
@@ -406,13 +409,24 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
 
     best, best_acc, history = -1.0, None, []
     t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc="train world", disable=not progress_bar, mininterval=2.0)
+    bar = tqdm(total=None if cfg.minutes else cfg.steps, desc="train world", disable=not progress_bar, mininterval=2.0)
     ema = None
-    for step in bar:
-        f = _lr_factor(step, cfg)
+    step = -1
+    while True:
+        step += 1
+        if cfg.minutes:
+            progress = (time.time() - t0) / (60.0 * cfg.minutes)
+            if progress >= 1.0:
+                break
+        else:
+            if step >= cfg.steps:
+                break
+            progress = step / max(1, cfg.steps)
+        bar.update(1)
+        f = _lr_factor(step, progress, cfg)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f
-        batch, aux, sup = make_batch(enc, rng, step / max(1, cfg.steps), cfg)
+        batch, aux, sup = make_batch(enc, rng, progress, cfg)
         outputs = model(**batch, output_attentions=bool(cfg.attn_weight))
         lm_loss = outputs.loss
         img = outputs.image_hidden_states.reshape(len(batch["input_ids"]), NUM_IMAGE_TOKENS, hidden)
@@ -430,15 +444,15 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
         loss = lm_loss + cfg.aux_weight * aux_loss
         attn_loss = torch.zeros(())
         if cfg.attn_weight and len(sup[0]):
-            # Supervised retrieval heads: from the answer position, attention (renormalised over the image tokens)
-            # should fall on the objects the question is about.
+            # Supervised retrieval heads: from the answer position, attention should fall on the objects the
+            # question is about (cross-entropy against their pixel share per patch).
             img_pos = (batch["input_ids"][0] == enc.image_id).nonzero().squeeze(-1)
             heads = torch.tensor(cfg.attn_heads)
             terms = []
             for layer in cfg.attn_layers:
                 att = outputs.attentions[layer][sup[0]]  # (N, heads, L, L)
                 att = att[torch.arange(len(sup[0])), :, sup[1]][:, heads][:, :, img_pos]  # (N, h, 64)
-                logp = torch.log(att / att.sum(-1, keepdim=True).clamp_min(1e-9) + 1e-9)
+                logp = torch.log(att + 1e-6)  # raw probabilities: the head must also look at the image, not a sink
                 terms.append(-(sup[2][:, None, :] * logp).sum(-1).mean())
             # First hop: in an earlier layer the answer position reads the question's key words (shape, colour).
             kb, kq, kk = sup[3], sup[4], sup[5]
@@ -459,7 +473,9 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
         bar.set_postfix(lm=f"{ema:.3f}", aux=f"{aux_loss.item():.3f}", attn=f"{attn_loss.item():.3f}")
         if step % 25 == 0:
             emit(dict(step=step, lm=round(lm_loss.item(), 4), aux=round(aux_loss.item(), 4), attn=round(attn_loss.item(), 4), lr=f, s=round(time.time() - t0, 1)))
-        last = step == cfg.steps - 1
+        last = (not cfg.minutes and step == cfg.steps - 1) or (
+            cfg.minutes and (time.time() - t0) >= 60.0 * cfg.minutes
+        )
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
             acc = fast_accuracy(model, enc, items)
             sc = _score(acc)
@@ -468,10 +484,20 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
             if sc >= best:
                 best, best_acc = sc, dict(step=step + 1, **acc)
                 save(model, processor, out, dict(config=_cfg_dict(cfg), best=best_acc, history=history))
+    steps_done = step if cfg.minutes else cfg.steps
+    if steps_done and (not history or history[-1]["step"] != steps_done):
+        acc = fast_accuracy(model, enc, items)
+        history.append(dict(step=steps_done, seconds=round(time.time() - t0, 1), **acc))
+        emit(dict(eval=history[-1]))
+        if _score(acc) >= best:
+            best, best_acc = _score(acc), dict(step=steps_done, **acc)
+            save(model, processor, out, dict(config=_cfg_dict(cfg), best=best_acc, history=history))
     if cfg.attn_weight:
         model.set_attn_implementation("sdpa")
     seconds = time.time() - t0
-    metrics = dict(seconds=round(seconds, 1), best=best_acc, history=history, config=_cfg_dict(cfg))
+    metrics = dict(
+        seconds=round(seconds, 1), steps=steps_done, best=best_acc, history=history, config=_cfg_dict(cfg)
+    )
     (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
     emit(dict(done=metrics))
     if log:
@@ -515,7 +541,8 @@ def write_sample(out_dir: str | Path | None = None, seed: int = 2024, size: int 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the embedded world VLM (vlmplug/world/weights).")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="number of steps (reproducible schedule)")
+    p.add_argument("--minutes", type=float, default=None, help="time-boxed run: the schedule follows wall time")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -527,9 +554,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _, _, metrics = train(
         steps=a.steps, out_dir=a.out, log_file=a.log, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-        threads=a.threads, eval_every=a.eval_every,
+        threads=a.threads, eval_every=a.eval_every, minutes=a.minutes,
     )
-    print(json.dumps(dict(seconds=metrics["seconds"], best=metrics["best"]), indent=2))
+    print(json.dumps(dict(seconds=metrics["seconds"], steps=metrics["steps"], best=metrics["best"]), indent=2))
 
 
 if __name__ == "__main__":

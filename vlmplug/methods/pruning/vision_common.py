@@ -35,7 +35,7 @@ class PreLLMSelection(Method):
         """rows[i]: [n_i, D] features of images[i] = (sample index, ImageLayout). Sets the selection."""
         keep = {}
         for i, (x, (b, im)) in enumerate(zip(rows, images)):
-            keep[(b, id(im))] = self.select(x, im, i, session).sort().values
+            keep[(b, id(im))] = self.select(x, im, i, session).cpu().sort().values
         self._selection = keep
 
     def select(self, x: torch.Tensor, image, index: int, session) -> torch.Tensor:
