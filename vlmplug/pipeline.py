@@ -93,13 +93,15 @@ def generate_info(
     ``vlmplug.apply`` accepts (a name, a config, a list); ``method_params`` are keyword parameters for a method given
     by name. Generation is greedy with a small ``max_new_tokens`` unless ``generate_kwargs`` say otherwise.
     """
-    inputs = prepare_inputs(model, processor, image_or_images, prompt)
+    images = _load_images(image_or_images)
+    inputs = prepare_inputs(model, processor, images, prompt)
     prompt_len = int(inputs["input_ids"].shape[1])
     start = time.perf_counter()
     if methods is not None:
         from vlmplug.api import apply  # lazy: the pipeline works without any method machinery
 
-        with apply(model, methods, **(method_params or {})):
+        with apply(model, methods, processor=processor, **(method_params or {})) as handle:
+            handle.set_image_sizes([[im.size for im in images]])  # token boxes in the user's pixels
             out = _run_generate(model, inputs, generate_kwargs)
     else:
         out = _run_generate(model, inputs, generate_kwargs)
