@@ -10,7 +10,7 @@ from reference import eager_softmax, masked_eager_attention, register_reference
 from vlmplug.testing.tiny import make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-HIPRUNE_FAMS = ["llava", "gemma3", "idefics3", "smolvlm"]
+HIPRUNE_FAMS = ["llava", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen3_vl"]
 
 
 def _vision_capture(model, inputs):
@@ -40,16 +40,26 @@ def _vision_capture(model, inputs):
     from vlmplug.adapters import get_adapter
 
     mods = get_adapter(model).vision_attention_modules()
-    return [torch.cat(maps[id(m)]) for m in mods], [torch.cat(keys[id(m)]) for m in mods], proj_in
+    # per vision layer: one entry per crop, [H, S, S] (Qwen's tower attends per image: variable S)
+    per_crop = [[a for call in maps[id(m)] for a in call] for m in mods]
+    return per_crop, [torch.cat(keys[id(m)]) if len({k.shape for k in keys[id(m)]}) == 1 else None for m in mods], proj_in
 
 
-def _pool(s, grid):
-    if grid.cls:
-        s = s[:, 1:]
-    side = int(round(s.shape[1] ** 0.5))
-    if grid.pool > 1:
-        s = torch.nn.functional.avg_pool2d(s.view(-1, 1, side, side).double(), grid.pool).flatten(1)
-    return s.double()
+def _token_scores(crops, grid):
+    """Column mean over queries and heads, CLS column removed, pooled onto LLM tokens, per crop."""
+    out = []
+    for a in crops:
+        s = a.double().mean(0).mean(0)
+        if grid.cls:
+            s = s[1:]
+        if grid.merge:
+            out.append(s.view(-1, grid.merge).mean(1))
+            continue
+        side = int(round(s.numel() ** 0.5))
+        if grid.pool > 1:
+            s = torch.nn.functional.avg_pool2d(s.view(1, 1, side, side), grid.pool).flatten()
+        out.append(s)
+    return out
 
 
 def _hiprune_ref(obj, deep, width, k, alpha):
@@ -82,9 +92,8 @@ def test_hiprune_matches_reference(fam):
 
     grid = get_adapter(model).vision_grid()
     maps, _, _ = _vision_capture(model, batch.inputs)
-    # column mean over queries, mean over heads
-    obj = _pool(maps[0].mean(1).mean(1), grid)
-    deep = _pool(maps[grid.feature_layer].mean(1).mean(1), grid)
+    obj = _token_scores(maps[0], grid)
+    deep = _token_scores(maps[grid.feature_layer], grid)
     ratio, alpha = 0.5, 0.4
     with vlmplug.apply(model, "hiprune", keep_ratio=ratio, object_layer=1, alpha=alpha) as h, torch.no_grad():
         out = model(**batch.inputs).logits[:, -1]
@@ -93,16 +102,21 @@ def test_hiprune_matches_reference(fam):
         alive = [_alive(h, b) for b in range(2)]
     crop = 0
     dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
-    tpc = obj.shape[1]
     for b, s in enumerate(lay.samples):
         for im in s.images:
             n = im.positions.numel()
-            crops = n // tpc
+            sizes, covered = [], 0
+            while covered < n:
+                sizes.append(obj[crop + len(sizes)].numel())
+                covered += sizes[-1]
+            crops = len(sizes)
             k_total = int(round(n * ratio))
-            ref = []
+            ref, off = [], 0
             for c in range(crops):
                 k = k_total // crops + (1 if c < k_total % crops else 0)
-                ref += [i + c * tpc for i in _hiprune_ref(obj[crop + c], deep[crop + c], int(round(tpc ** 0.5)), k, alpha)]
+                width = im.main_view.cols if grid.merge else int(round(sizes[c] ** 0.5))
+                ref += [i + off for i in _hiprune_ref(obj[crop + c], deep[crop + c], width, k, alpha)]
+                off += sizes[c]
             crop += crops
             got = sorted(torch.nonzero(torch.isin(im.positions, alive[b])).flatten().tolist())
             assert got == sorted(ref)
@@ -154,7 +168,7 @@ def test_visionzip_matches_reference_end_to_end():
 
     grid = get_adapter(model).vision_grid()
     maps, keys, proj_in = _vision_capture(model, batch.inputs)
-    cls = maps[grid.feature_layer][:, :, 0, 1:].sum(1)
+    cls = torch.stack([a[:, 0, 1:].sum(0) for a in maps[grid.feature_layer]])
     ks = keys[grid.feature_layer][:, 1:]
     hidden = proj_in[0]
     k, share = 8, 5.4 / 6.4
@@ -204,8 +218,8 @@ def test_identity_and_padded_batch(meth, fam, kw):
 
 
 def test_unsupported_families_say_so():
-    with pytest.raises(vlmplug.MethodConfigError, match="not implemented for 'qwen2_vl'.*supported: \\['gemma3', 'idefics3', 'llava', 'smolvlm'\\]"):
-        vlmplug.apply(tiny("qwen2_vl"), "hiprune")
+    with pytest.raises(vlmplug.MethodConfigError, match="not implemented for 'qwen2_5_vl'.*supported: \\['gemma3', 'idefics3', 'llava', 'qwen2_vl', 'qwen3_vl', 'smolvlm'\\]"):
+        vlmplug.apply(tiny("qwen2_5_vl"), "hiprune")
     with pytest.raises(vlmplug.MethodConfigError, match="visionzip.*'gemma3' is not supported"):
         vlmplug.apply(tiny("gemma3"), "visionzip")
     assert "_vlmplug_handle" not in vars(tiny("gemma3"))

@@ -20,14 +20,17 @@ from ..registry import adapter_registry
 
 @dataclass
 class VisionGrid:
-    """The vision tower runs once over a batch of square crops (images or tiles) in the order their
-    tokens appear; each crop's patches (after an optional CLS token) pool `pool` x `pool` into one
-    LLM token. `feature_layer`: index of the vision attention whose output feeds the projector."""
+    """The vision tower sees crops (images or tiles) in the order their tokens appear; each square
+    crop's patches (after an optional CLS token) pool `pool` x `pool` into one LLM token.
+    `feature_layer`: index of the vision attention whose output feeds the projector."""
 
     cls: bool
     pool: int
     feature_layer: int
     num_layers: int
+    #: >0: crops are whole images of any shape, and each LLM token is this many consecutive patches
+    #: (Qwen's merge windows are stored contiguously); the grid width then comes from the layout
+    merge: int = 0
 
 
 @dataclass

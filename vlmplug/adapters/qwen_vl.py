@@ -14,6 +14,7 @@ from .base import Adapter
 @register_adapter("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 class QwenVLAdapter(Adapter):
     meta_keys = ("image_grid_thw",)
+    no_vision_grid = ("qwen2_5_vl",)  # windowed attention reorders patches inside the tower: not mapped yet
 
     def __init__(self, model, processor=None):
         super().__init__(model, processor)
@@ -48,3 +49,12 @@ class QwenVLAdapter(Adapter):
             im.processed_size = (w * p, h * p)
             images.append(im)
         return images
+
+    def vision_grid(self):
+        from .base import VisionGrid
+
+        if self.config.model_type in self.no_vision_grid:
+            return None  # windowed attention reorders patches inside the tower: not mapped yet
+        v = self.config.vision_config
+        n = int(v.depth)
+        return VisionGrid(cls=False, pool=1, feature_layer=n - 1, num_layers=n, merge=int(v.spatial_merge_size) ** 2)

@@ -111,7 +111,7 @@ def build_processor():
 
 DEFAULT_SIZES: dict[str, Any] = dict(
     vision_hidden=128,
-    vision_layers=3,
+    vision_layers=5,
     vision_heads=4,
     vision_mlp=256,
     text_hidden=128,

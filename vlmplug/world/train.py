@@ -1,18 +1,24 @@
 """Train the embedded world VLM from scratch on drawn scenes (CPU-friendly, fixed seeds).
 
-    python -m vlmplug.world.train                      # full run, writes vlmplug/world/weights/
+    python -m vlmplug.world.train --minutes 34         # time-boxed run, writes vlmplug/world/weights/
+    python -m vlmplug.world.train --steps 1200         # fixed number of steps (exactly reproducible schedule)
     python -m vlmplug.world.train --steps 50 --out /tmp/w
 
 What makes a small CPU budget enough:
-- several question/answer turns per image in one sequence (the 64 image tokens are paid once per 3-5 answers);
+- several question/answer turns per image in one sequence (the 64 image tokens are paid once per 3-6 answers);
   the first turn is exactly the single-turn inference prompt;
 - loss only on answer tokens (+ their end-of-sequence token), balanced question kinds;
-- a training-only dense auxiliary loss on the projected image tokens (per-patch shape, colour and object-centre
-  classes, known from the drawing) so the vision tower learns fast; the head is thrown away, the shipped model is a
-  plain ``LlavaForConditionalGeneration``;
+- a training-only dense auxiliary loss on the projected image tokens (per-patch shape, colour, object-centre, row
+  and column classes, known from the drawing) so the vision tower learns fast;
+- supervised attention: in layer 0 two heads of the answer position read the question's key words, in layers 1-2
+  the same heads look at the patch holding the centre of each object asked about (known from the drawing). This teaches the
+  two-hop lookup "which shape was asked -> where is it" directly and leaves grounded attention maps;
+- a width-appropriate initialisation (std 1/sqrt(d) instead of HF's 0.02), 2-D sin-cos initial vision position
+  embeddings, and a large RoPE base so that content lookups far back in the sequence stay position-invariant;
 - curriculum: few large objects first, then more objects, other image sizes, clutter and small objects;
 - AdamW, linear warm-up then cosine decay, higher learning rate for the projector.
-The best checkpoint by held-out accuracy is saved during training.
+The auxiliary head is thrown away and the decoder is switched back to SDPA: the shipped model is a plain
+``LlavaForConditionalGeneration``. The best checkpoint by held-out accuracy is saved during training.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 60
     min_lr_ratio: float = 0.05
-    aux_weight: float = 0.5
+    aux_weight: float = 1.0
     attn_weight: float = 0.5
     attn_layers: tuple[int, ...] = (1, 2)
     attn_heads: tuple[int, ...] = (0, 2)
@@ -146,10 +152,7 @@ class Encoder:
         color_of = np.array([0] + [self.color_index[o.color] for o in scene.objects])
         centre = np.zeros(GRID * GRID, dtype=np.int64)
         for o in scene.objects:
-            cx, cy = o.center
-            gx = min(GRID - 1, int(cx / w * GRID))
-            gy = min(GRID - 1, int(cy / h * GRID))
-            centre[gy * GRID + gx] = self.shape_index[o.shape]
+            centre[centre_patch(scene, o)] = self.shape_index[o.shape]
         return (shape_of[best], color_of[best], centre), counts
 
 
@@ -166,7 +169,15 @@ def sample_questions(scene: S.Scene, rng: random.Random, n: int) -> list[S.Quest
     return out
 
 
+def centre_patch(scene: S.Scene, obj: S.SceneObject) -> int:
+    """Index (row-major) of the image token whose patch holds the object's centre."""
+    w, h = scene.size
+    cx, cy = obj.center
+    return min(GRID - 1, int(cy / h * GRID)) * GRID + min(GRID - 1, int(cx / w * GRID))
+
+
 def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConfig):
+    import numpy as np
     import torch
 
     images, seqs, labs, aux = [], [], [], []
@@ -196,9 +207,10 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
             objs = attention_targets(scene, q)
             if not objs:
                 continue
-            w = counts[:, [i + 1 for i in objs]].sum(1).astype("float32")
-            if w.sum() <= 0:
-                continue
+            # Target: the patch holding each asked object's centre (where the "centre" auxiliary class lives).
+            w = np.zeros(NUM_IMAGE_TOKENS, dtype=np.float32)
+            for i in objs:
+                w[centre_patch(scene, scene.objects[i])] += 1.0
             sup_b.append(len(images))
             sup_pos.append(pos)
             sup_t.append(w / w.sum())
@@ -215,7 +227,6 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
         labels[i, : len(l)] = torch.tensor(l)
         attn[i, : len(s)] = 1
     pixel_values = enc.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    import numpy as np
 
     aux_t = [torch.from_numpy(np.stack([a[k] for a in aux])).long() for k in range(3)]
     sup = (
@@ -445,7 +456,7 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
         attn_loss = torch.zeros(())
         if cfg.attn_weight and len(sup[0]):
             # Supervised retrieval heads: from the answer position, attention should fall on the objects the
-            # question is about (cross-entropy against their pixel share per patch).
+            # question is about (cross-entropy against their centre patches).
             img_pos = (batch["input_ids"][0] == enc.image_id).nonzero().squeeze(-1)
             heads = torch.tensor(cfg.attn_heads)
             terms = []

@@ -70,19 +70,17 @@ class HiPrune(VisionScores, PreLLMSelection):
     def on_image_features(self, rows, images, session):
         self._obj_scores = self.token_scores(self.object_layer - 1)
         self._deep_scores = self.token_scores(self._deep)
+        self._scores_len = [int(t.numel()) for t in self._obj_scores]
         self._crop = 0
         super().on_image_features(rows, images, session)
 
     def select(self, x, image, index, session):
-        tpc = self._obj_scores.shape[1]
         n = x.shape[0]
-        crops = n // tpc
+        crops = self.crops_of(n, image)
         k_total = self.image_budget(n)
-        width = int(round(tpc**0.5))
-        out = []
-        for c in range(crops):
-            k = k_total // crops + (1 if c < k_total % crops else 0)
-            i = self._crop + c
-            out.append(hiprune_select(self._obj_scores[i], self._deep_scores[i], width, k, self.alpha) + c * tpc)
-        self._crop += crops
+        out, off = [], 0
+        for c, (i, width) in enumerate(crops):
+            k = k_total // len(crops) + (1 if c < k_total % len(crops) else 0)
+            out.append(hiprune_select(self._obj_scores[i], self._deep_scores[i], width, k, self.alpha) + off)
+            off += self._scores_len[i]
         return torch.cat(out)

@@ -24,7 +24,10 @@ class VisionScores:
             from ...adapters.base import Adapter
             from ...registry import adapter_registry
 
-            ok = sorted(mt for mt, cls in adapter_registry().items() if cls.vision_grid is not Adapter.vision_grid)
+            ok = sorted(
+                mt for mt, cls in adapter_registry().items()
+                if cls.vision_grid is not Adapter.vision_grid and mt not in getattr(cls, "no_vision_grid", ())
+            )
             raise MethodConfigError(
                 f"{self.name}: scoring vision-tower patches is not implemented for {adapter.config.model_type!r} yet; "
                 f"supported: {ok}"
@@ -56,16 +59,37 @@ class VisionScores:
         store = self._vis.setdefault(ctx.layer_idx, [])
         return LayerPlan(probes=[Probe(sel, lambda p, c: store.append(p.mean(1).cpu()))])  # [crops, S]
 
-    def token_scores(self, layer: int) -> torch.Tensor:
-        """[n_crops, tokens_per_crop] scores of one vision layer for every crop of the last image batch."""
-        s = torch.cat(self._vis[layer], 0).double()
-        if self._grid.cls:
-            s = s[:, 1:]
-        n = s.shape[1]
-        side = int(round(n**0.5))
-        if side * side != n:
-            raise MethodConfigError(f"{self.name}: {n} patches do not form a square grid")
-        p = self._grid.pool
-        if p > 1:
-            s = torch.nn.functional.avg_pool2d(s.view(-1, 1, side, side), p).flatten(1)
-        return s
+    def token_scores(self, layer: int) -> list[torch.Tensor]:
+        """Per crop of the last image batch, in token order: a 1-D tensor of scores per LLM token."""
+        out = []
+        for block in self._vis[layer]:  # one probe call: [crops in the call, S]
+            for s in block.double():
+                if self._grid.cls:
+                    s = s[1:]
+                if self._grid.merge:
+                    out.append(s.view(-1, self._grid.merge).mean(1))
+                    continue
+                n = s.numel()
+                side = int(round(n**0.5))
+                if side * side != n:
+                    raise MethodConfigError(f"{self.name}: {n} patches do not form a square grid")
+                p = self._grid.pool
+                if p > 1:
+                    s = torch.nn.functional.avg_pool2d(s.view(1, 1, side, side), p).flatten()
+                out.append(s)
+        return out
+
+    def crops_of(self, n_rows: int, image) -> list[tuple[int, int]]:
+        """Consume this image's crops: [(crop index, grid width)] covering its n_rows feature rows."""
+        got, rows = [], 0
+        views = [v for v in image.views if v.name not in ("tiles", "highres")]
+        while rows < n_rows:
+            i = self._crop
+            n = self._scores_len[i]
+            width = views[len(got)].cols if self._grid.merge and len(got) < len(views) else int(round(n**0.5))
+            got.append((i, width))
+            rows += n
+            self._crop += 1
+        if rows != n_rows:
+            raise MethodConfigError(f"{self.name}: crops of {rows} tokens for an image of {n_rows}")
+        return got

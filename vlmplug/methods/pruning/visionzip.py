@@ -97,7 +97,7 @@ class VisionZip(VisionScores, PreLLMSelection):
 
     def _merge_hook(self, module, args):
         feats = args[0]  # [crops, n_patches, D] feature-layer hidden states (CLS already dropped)
-        cls_attn = self.token_scores(self._layer)
+        cls_attn = torch.stack(self.token_scores(self._layer))
         keys = torch.cat(self._keys, 0)[:, 1:]
         new = feats.clone()
         self._crop_keep = []
