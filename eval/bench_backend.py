@@ -5,8 +5,9 @@ Measures, in one run and on the same model and prompt: plain SDPA forward, `reco
 fresh worker process so that peak memory is its own: peak = the process's peak resident memory
 during the measured forward (peak counter reset just before it) minus the resident memory before it,
 i.e. the memory the forward itself needs on top of the weights. Time = median of --reps forwards.
-All modes use logits_to_keep=1 (as generate() does at prefill), so the vocabulary projection does
-not hide attention's memory.
+All modes use logits_to_keep=1 (as generate() does at prefill) and, unless --use-cache, no KV cache:
+an analysis forward, where neither the vocabulary projection nor the cache (the same bytes in every
+mode: 671 MiB at full depth) hides what reading attention costs.
 
     python eval/bench_backend.py                       # CPU, depth cut to 8 text / 2 vision layers
     python eval/bench_backend.py --text-layers 32 --vision-layers 24 --shared-weights --reps 0 --no-warmup
@@ -63,7 +64,7 @@ def worker(mode: str, args) -> dict:
         model = build_random(cfg, dtype=dtype, device=args.device)
     inputs = llava_prompt(cfg, device=args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    extra = {"logits_to_keep": 1}
+    extra = {"logits_to_keep": 1, "use_cache": args.use_cache}
     handle = None
     if mode == "record":
         handle = vlmplug.apply(model, "record")
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--shared-weights", action="store_true", help="real depth with every layer sharing one layer's weights")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="measure memory on the first forward")
+    p.add_argument("--use-cache", action="store_true", help="also build the KV cache (same bytes in every mode)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -130,6 +132,7 @@ def main(argv=None) -> int:
                "--reps", str(args.reps), "--threads", str(args.threads)]
         cmd += ["--shared-weights"] if args.shared_weights else []
         cmd += [] if args.warmup else ["--no-warmup"]
+        cmd += ["--use-cache"] if args.use_cache else []
         # large blocks via mmap and no heap hoarding: resident memory then follows live tensors
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
