@@ -84,6 +84,8 @@ class Session:
         self._feature_out = None  # image-feature output waiting for the prefill (generate path)
         self._in_forward = False
         self.pending_sizes = None
+        self.sizes = None
+        self.static_cache = False
         self._layout: Layout | None = None
         self._layout_done = False
         self.keep: torch.Tensor | None = None  # [B, L'] logical positions kept after `drop_layer`
@@ -122,7 +124,13 @@ class Session:
 
             pre = any(getattr(m, "hide_before", False) for m in self.methods)
             self._hooks += install_drop_hooks(self, drop_layers.pop(), start=0 if pre else None)
-        if any(getattr(m, "kv_prune_layers", None) for m in self.methods):
+        kv_layers = [li for m in self.methods for li in (getattr(m, "kv_prune_layers", None) or ())]
+        if kv_layers and self.drop_layer is not None and max(kv_layers) >= self.drop_layer:
+            raise MethodConfigError(
+                f"{[m.name for m in self.methods]}: KV pruning in layers at or after the token-drop layer "
+                f"{self.drop_layer} is not supported; prune the KV cache only before it or use one method"
+            )
+        if kv_layers:
             from .backend.kvprune import install_kv_hooks
 
             self._hooks += install_kv_hooks(self)
@@ -238,8 +246,17 @@ class Session:
         elif kwargs.get("inputs_embeds") is not None:
             q_len = kwargs["inputs_embeds"].shape[1]
         self.forward_index += 1
+        self.static_cache = bool(getattr(pkv, "is_compileable", False))
+        if self.static_cache and any(getattr(m, "drop_layer", None) is not None or getattr(m, "kv_prune_layers", None)
+                                     for m in self.methods):
+            names = [m.name for m in self.methods]
+            raise MethodConfigError(
+                f"{names}: token dropping and KV pruning need a dynamic KV cache; this forward got "
+                f"{type(pkv).__name__} (e.g. generate(cache_implementation='static')): use the default cache"
+            )
         if past == 0:
             self.phase = "prefill"
+            self.sizes, self.pending_sizes = self.pending_sizes, None  # sizes apply to this prompt only
             if kwargs.get("pixel_values") is not None:
                 self.pending_meta = None  # this forward encodes its own images
             self.input_ids = ids
@@ -269,20 +286,24 @@ class Session:
         if not self._layout_done and self.input_ids is not None:
             self._layout_done = True
             try:
-                self._layout = self.adapter.locate(self.input_ids, self.attention_mask, self.pending_meta, self.pending_sizes)
+                self._layout = self.adapter.locate(self.input_ids, self.attention_mask, self.pending_meta, self.sizes)
             except LayoutError as e:
                 warnings.warn(f"vlmplug: could not locate image tokens ({e}); image methods are skipped for this input")
                 self._layout = None
         return self._layout
 
     def logical_mask(self, batch: int, q_len: int, device) -> torch.Tensor:
-        """Decode-time bool mask [B, 1, q, S_logical] from the prompt's padding (new tokens visible).
-        Used where a model sized its mask by a pruned or sliding cache instead of the logical length."""
+        """Decode-time bool mask [B, 1, q, S_logical] from the prompt's padding, causal among the q new
+        tokens. Used where a model sized its mask by a pruned or sliding cache instead of the logical length."""
         S = self.logical_len
         pad = self.attention_mask
         pad = pad.bool() if pad is not None else torch.ones(batch, self.prompt_len, dtype=torch.bool)
         full = torch.cat([pad.to(device), torch.ones(batch, S - pad.shape[1], dtype=torch.bool, device=device)], 1)
-        return full[:, None, None, :].expand(batch, 1, q_len, S)
+        m = full[:, None, None, :].expand(batch, 1, q_len, S)
+        if q_len > 1:
+            qpos = torch.arange(S - q_len, S, device=device)
+            m = m & (torch.arange(S, device=device)[None, :] <= qpos[:, None])[None, None]
+        return m
 
     def set_image_sizes(self, sizes) -> None:
         self.pending_sizes = sizes
@@ -308,6 +329,8 @@ class Session:
             k_pos = torch.cat([idx, tail.expand(*idx.shape[:2], -1)], dim=-1)
         elif self.keep is not None and self.drop_layer is not None and li >= self.drop_layer:
             k_pos = torch.cat([self.keep.to(dev), tail.expand(B, -1)], dim=-1)
+        elif self.static_cache:  # preallocated: slot i holds position i (slots past the length are masked)
+            k_pos = torch.arange(S, device=dev).expand(B, S)
         else:  # a sliding-window cache holds only the most recent S positions
             k_pos = torch.arange(self.logical_len - S, self.logical_len, device=dev).expand(B, S)
         return q_pos, k_pos

@@ -164,7 +164,14 @@ class Adapter(ABC):
         B, L = ids.shape
         counter = _ImageCounter()
         samples = []
+        row_start = 0
         for b in range(B):
+            # generate() repeats rows for beams / num_return_sequences after encoding the images once:
+            # a row identical to the previous one reuses that row's images
+            same = b > 0 and torch.equal(ids[b], ids[b - 1]) and (am is None or torch.equal(am[b], am[b - 1]))
+            if same:
+                counter.i = row_start
+            row_start = counter.i
             real = torch.nonzero(am[b]).flatten() if am is not None else torch.arange(L)
             first, last = (int(real[0]), int(real[-1])) if real.numel() else (0, L - 1)
             pos = torch.nonzero(ids[b] == self.image_token_id).flatten()

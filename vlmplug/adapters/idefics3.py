@@ -3,7 +3,7 @@ preceded by `<fake_token_around_image><row_r_col_c>`, a newline after each row o
 followed by a global view of the whole image. Only token structure is used:
 - the token right before the sample's last run is the global-image marker: a run preceded by it
   ends an image;
-- within an image, a longer gap between tile runs marks a new row of tiles.
+- within an image, a tile run followed by anything but `<fake_token_around_image>` ends a row of tiles.
 The tiles are also assembled into one "tiles" grid, the main view when present."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class Idefics3Adapter(Adapter):
         for start, length in rs:
             if start > 0 and int(ids[start - 1]) == global_marker:
                 counter.next()
-                images.append(self._image(tiles, (start, length), side, T))
+                images.append(self._image(ids, tiles, (start, length), side, T))
                 tiles = []
             else:
                 tiles.append((start, length))
@@ -45,7 +45,7 @@ class Idefics3Adapter(Adapter):
             raise LayoutError("tile runs after the last global image view")
         return images
 
-    def _image(self, tiles, glob, side, T) -> ImageLayout:
+    def _image(self, ids, tiles, glob, side, T) -> ImageLayout:
         gpos = torch.arange(glob[0], glob[0] + glob[1])
         views: list[View] = []
         if not tiles:
@@ -53,10 +53,11 @@ class Idefics3Adapter(Adapter):
             im = ImageLayout(positions=gpos, views=views)
             im.processed_size = (T, T)
             return im
-        gaps = [tiles[k + 1][0] - (tiles[k][0] + tiles[k][1]) for k in range(len(tiles) - 1)]
-        cols = len(tiles)
-        if gaps and max(gaps) > min(gaps):
-            cols = next(k for k, g in enumerate(gaps) if g > min(gaps)) + 1
+        # within a row of tiles a run is followed by <fake_token_around_image> (the token two before every
+        # tile run); a row ends with anything else (the processor's newline)
+        fake = int(ids[tiles[0][0] - 2]) if tiles[0][0] >= 2 else None
+        ends = [k for k, (s, ln) in enumerate(tiles) if s + ln >= ids.numel() or int(ids[s + ln]) != fake]
+        cols = ends[0] + 1 if ends else len(tiles)
         if len(tiles) % cols:
             raise LayoutError(f"{len(tiles)} tiles do not form rows of {cols}")
         rows = len(tiles) // cols

@@ -19,6 +19,10 @@ def install_kv_hooks(session) -> list:
     session.kv_dead = {}
     if layers and layers[0] == 0:
         raise MethodConfigError("the KV cache of layer 0 cannot be pruned (generate() reads the sequence length from it)")
+    types = getattr(session.adapter.text_config, "layer_types", None) or []
+    sliding = [li for li in layers if li < len(types) and types[li] == "sliding_attention"]
+    if sliding:
+        raise MethodConfigError(f"layers {sliding} use sliding-window caches, which cannot be pruned per head")
     for li in layers:
         hooks.append(attn[li].register_forward_hook(_make_hook(session, li), with_kwargs=True))
     return hooks

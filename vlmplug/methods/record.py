@@ -84,15 +84,16 @@ class Record(Method):
 
         def store(probs, counts):
             H = probs.shape[1]
-            dense = torch.zeros(probs.shape[0], H, L, dtype=torch.float32)
             kp = k_pos.cpu()
+            width = max(L, int(kp.max()) + 1) if kp.numel() else L  # a static cache has unused slots past L
+            dense = torch.zeros(probs.shape[0], H, width, dtype=torch.float32)
             p = probs.cpu()
             if kp.dim() == 2:
                 dense.scatter_(2, kp[:, None, :].expand(-1, H, -1), p)
             else:  # per-KV-head key positions (pruned cache): each query head uses its group's rows
                 G = H // kp.shape[1]
                 dense.scatter_(2, kp.repeat_interleave(G, dim=1), p)
-            self._pending[li] = (dense, counts.cpu())
+            self._pending[li] = (dense[..., :L], counts.cpu())
 
         return LayerPlan(probes=[Probe(sel, store)])
 

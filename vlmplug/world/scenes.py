@@ -36,7 +36,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
 }
 
 # Relative object sizes (fraction of the shorter image side).
-NORMAL_SIZE = (0.19, 0.36)
+NORMAL_SIZE = (0.24, 0.40)
 SMALL_SIZE = (0.08, 0.13)
 CLUTTER_SIZE = (0.10, 0.17)
 # "Where" is only asked when the object's centre is clearly off-centre along one axis.

@@ -7,6 +7,7 @@ after prefill. Cuts decode time and KV memory; prefill is unchanged.
 - Head level: each KV head keeps its own top-k image tokens by the last token's attention (averaged over
   the query heads that share the KV head under GQA); text tokens are always kept.
 The official code is unpublished; alpha, beta, delta and start_layer defaults are ours (documented).
+Sliding-window layers (Gemma 3) are not pruned: their caches already hold only the window.
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ class PLPHP(Method):
         n = adapter.num_layers
         if self.start_layer >= n:
             raise MethodConfigError(f"plphp: start_layer={self.start_layer}; this model has layers 1..{n - 1} to prune")
-        self.kv_prune_layers = tuple(range(self.start_layer, n))
+        # sliding-window layers keep only their last W keys after prefill: their caches are left alone
+        types = getattr(adapter.text_config, "layer_types", None) or ["full_attention"] * n
+        self.kv_prune_layers = tuple(li for li in range(self.start_layer, n) if types[li] != "sliding_attention")
 
     def layer_plan(self, ctx):
         if ctx.phase != "prefill" or ctx.layer_idx < self.start_layer or ctx.layout is None:
