@@ -5,7 +5,8 @@ model and prompt: vision-tower time, LLM prefill time (forward time minus vision
 token (single-token forwards through the KV cache), and KV-cache bytes after prefill. The LLM prefill
 speed-up is compared with its FLOP-proportional limit for the schedule the method runs (FastV's per-layer
 FLOP model 4nd^2 + 2n^2d + 2ndm summed over layers; FastV keeps full length before layer K, the vision
-methods keep layer 0 at full length, where dropped tokens are only masked).
+methods keep layer 0 at full length, where dropped tokens are only masked). The unpruned baseline is
+measured again right before each method's sweep, and each ratio uses that baseline.
 
     python eval/bench_pruning.py                                  # CPU: 4 text layers, full 24-layer vision tower
     python eval/bench_pruning.py --device cuda --dtype bfloat16 --text-layers 32 --vision-layers 24
@@ -104,11 +105,13 @@ def main(argv=None) -> int:
 
     hooks = [tower.register_forward_pre_hook(pre), tower.register_forward_hook(post)]
     measure(model, inputs, argparse.Namespace(**{**vars(args), "reps": 1, "decode_tokens": 2}), tracker)  # warm-up
-    base = measure(model, inputs, args, tracker)
-    rows = [{"method": "none", "budget": 576, "vision_s": base[0], "llm_prefill_s": base[1], "decode_s": base[2], "kv_bytes": base[3]}]
-    print(f"  none: vision {base[0]:.2f}s llm {base[1]:.2f}s decode {base[2] * 1000:.0f}ms", flush=True)
+    rows = []
     tcfg = cfg.text_config
     for method in args.methods:
+        # a fresh baseline before each method's sweep: ratios compare runs minutes apart, not an hour
+        base = measure(model, inputs, args, tracker)
+        rows.append({"method": "none", "budget": 576, "before": method, "vision_s": base[0], "llm_prefill_s": base[1],
+                     "decode_s": base[2], "kv_bytes": base[3]})
         for k in args.budgets:
             params = {"keep_tokens": k}
             if method == "fastv":
