@@ -63,18 +63,16 @@ class Cluster(PreLLMSelection):
         if k == 0:
             return torch.zeros(0, dtype=torch.long)
         assign, c = cosine_kmeans(x, k, self.iters)
-        xn = torch.nn.functional.normalize(x.double(), dim=-1)
-        sim = (xn * c[assign]).sum(-1)
-        merged = x.clone()
-        reps = []
-        for j in range(k):
-            members = torch.nonzero(assign == j).flatten()
-            if members.numel() == 0:
-                continue
-            s_m = sim[members]
-            rep = members[torch.nonzero(s_m >= s_m.max() - 1e-9).flatten()[0]]  # ties: lowest position
-            merged[rep] = x[members].double().mean(0).to(x.dtype)
-            reps.append(rep)
-        reps = torch.stack(reps)
-        x[reps] = merged[reps]  # in place: these rows are what the model scatters into the prompt
+        xd = x.double()
+        sim = (torch.nn.functional.normalize(xd, dim=-1) * c[assign]).sum(-1)
+        counts = torch.bincount(assign, minlength=k)
+        used = torch.nonzero(counts).flatten()
+        # representative: the member closest to its centre, ties (two-member clusters) to the earliest position
+        best = torch.full((k,), float("-inf"), dtype=sim.dtype, device=sim.device).scatter_reduce(0, assign, sim, "amax")
+        pos = torch.arange(x.shape[0], device=x.device)
+        cand = torch.where(sim >= best[assign] - 1e-9, pos, torch.full_like(pos, x.shape[0]))
+        reps = torch.full((k,), x.shape[0], dtype=pos.dtype, device=x.device).scatter_reduce(0, assign, cand, "amin")[used]
+        means = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, assign, xd)
+        means = means[used] / counts[used, None]
+        x[reps] = means.to(x.dtype)  # in place: these rows are what the model scatters into the prompt
         return reps
