@@ -56,16 +56,28 @@ def cmd_run(args) -> int:
         print(f"model: {args.model}")
     print(f"prompt: {prompt}")
     gen = dict(max_new_tokens=args.max_new_tokens)
+    pipeline.generate_info(model, processor, image, prompt, **gen)  # warm-up, so timings compare steady states
     plain = pipeline.generate_info(model, processor, image, prompt, **gen)
-    method = args.method or _default_method()
-    params = dict(args.param or [])
-    patched = pipeline.generate_info(model, processor, image, prompt, methods=method, method_params=params, **gen)
-    shown = f"{method}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
+    from .registry import method_registry
+
+    name = args.method or _default_method()
+    reg = method_registry()
+    if name not in reg:
+        print(f"unknown method {name!r}; available: {sorted(reg)}", file=sys.stderr)
+        return 2
+    method = reg[name].from_params(**dict(args.param or []))
+    patched = pipeline.generate_info(model, processor, image, prompt, methods=method, **gen)
+    shown = repr(method)
     rows = [("plain", plain), (shown, patched)]
     w = max(len(r[0]) for r in rows)
     for name, r in rows:
         print(f"{name:<{w}}  answer: {r['text']!r:<16} {r['seconds'] * 1000:8.1f} ms  "
               f"prompt tokens {r['prompt_tokens']}, new tokens {r['new_tokens']}")
+    st = (patched.get("stats") or {}).get(method.name) or {}
+    if "tokens_kept_per_image" in st:
+        print(f"{method.name}: image tokens kept per image {st['tokens_kept_per_image'][0]}, "
+              f"tokens per layer {st['tokens_per_layer']}, KV cache {st['kv_cache_bytes'] / 1024:.1f} KiB, "
+              f"LLM FLOPs saved {100 * st['flops_saved']:.0f}%")
     if expected is not None:
         ok = pipeline.normalize_answer(plain["text"]) == expected
         print(f"expected: {expected!r} -> plain answer {'correct' if ok else 'WRONG'}")

@@ -92,20 +92,25 @@ def generate_info(
     ``image_or_images``: a PIL image, a path, a list of them, or None. ``methods`` (optional) is anything
     ``vlmplug.apply`` accepts (a name, a config, a list); ``method_params`` are keyword parameters for a method given
     by name. Generation is greedy with a small ``max_new_tokens`` unless ``generate_kwargs`` say otherwise.
+    With methods, ``stats`` holds the handle's statistics after generation (tokens kept, KV bytes, ...).
     """
     images = _load_images(image_or_images)
     inputs = prepare_inputs(model, processor, images, prompt)
     prompt_len = int(inputs["input_ids"].shape[1])
-    start = time.perf_counter()
     if methods is not None:
         from vlmplug.api import apply  # lazy: the pipeline works without any method machinery
 
         with apply(model, methods, processor=processor, **(method_params or {})) as handle:
             handle.set_image_sizes([[im.size for im in images]])  # token boxes in the user's pixels
+            start = time.perf_counter()  # generation only: patching is a one-off cost
             out = _run_generate(model, inputs, generate_kwargs)
+            seconds = time.perf_counter() - start
+            stats = handle.stats
     else:
+        stats = None
+        start = time.perf_counter()
         out = _run_generate(model, inputs, generate_kwargs)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
     sequences = out.sequences if hasattr(out, "sequences") else out
     new = sequences[0, prompt_len:]
     tok = getattr(processor, "tokenizer", processor)
@@ -117,7 +122,7 @@ def generate_info(
             break
         n_new += 1
     text = tok.decode(new, skip_special_tokens=True).strip()
-    return dict(text=text, seconds=seconds, prompt_tokens=prompt_len, new_tokens=n_new)
+    return dict(text=text, seconds=seconds, prompt_tokens=prompt_len, new_tokens=n_new, stats=stats)
 
 
 def generate(
