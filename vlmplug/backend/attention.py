@@ -20,7 +20,7 @@ def vlmplug_attention(module, query, key, value, attention_mask, scaling=None, d
     if session is not None and session.kv_index:
         from .kvprune import per_head_mask
 
-        attention_mask = per_head_mask(session, module, attention_mask, query.device)
+        attention_mask = per_head_mask(session, module, attention_mask, query.device, query.shape[2])
     if (
         session is not None and attention_mask is not None and attention_mask.dim() == 4
         and attention_mask.shape[-1] > key.shape[2] and session.keep is not None

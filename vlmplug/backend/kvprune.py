@@ -87,7 +87,7 @@ def _equalize(keeps, S: int, pad2d):
     return torch.stack(out), (dead if dead.any() else None)
 
 
-def per_head_mask(session, module, attention_mask, device=None):
+def per_head_mask(session, module, attention_mask, device=None, q_len: int = 1):
     """During decode of a pruned layer: gather the logical-length mask per KV head -> [B, Hq, q, S']."""
     li = getattr(module, "layer_idx", None)
     if li not in session.kv_index or session.phase != "decode":
@@ -96,7 +96,7 @@ def per_head_mask(session, module, attention_mask, device=None):
     if attention_mask is None:
         if li not in session.kv_dead:
             return None
-        attention_mask = torch.ones(B, 1, 1, session.logical_len, dtype=torch.bool, device=device)
+        attention_mask = session.logical_mask(B, q_len, device)  # causal among several new tokens
     elif attention_mask.shape[-1] != session.logical_len:  # sized by a pruned cache (hybrid models)
         attention_mask = session.logical_mask(B, attention_mask.shape[2], attention_mask.device)
     idx = session.kv_index[li].to(attention_mask.device)  # [B, Hkv, S']
