@@ -21,7 +21,7 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) -m vlmplug.cli run
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -p no:cacheprovider
 
 # The same suite against the oldest supported transformers (installed beside, not into, the venv).
 COMPAT_TF ?= 5.17.0
@@ -31,7 +31,7 @@ $(COMPAT_DIR)/.ok: $(STAMP)
 	touch $@
 
 test-compat: $(COMPAT_DIR)/.ok
-	PYTHONPATH=$(COMPAT_DIR) HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -q -p no:cacheprovider --ignore=tests/test_world.py
+	PYTHONPATH=$(COMPAT_DIR) HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -p no:cacheprovider --ignore=tests/test_world.py
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) eval/bench_backend.py
