@@ -1,0 +1,68 @@
+"""Inside every text attention call, the backend never creates a [batch, heads, L, L] tensor: each tensor an
+op creates during attention is checked, against eager attention where such tensors do appear."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vlmplug
+from conftest import tiny
+from test_backend_edits import Edits
+from vlmplug.adapters import get_adapter
+from vlmplug.testing.tiny import make_batch
+
+
+class LargestInAttention(TorchDispatchMode):
+    """Largest tensor created by any op while a text attention module runs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.largest, self.inside = 0, 0
+        mods = get_adapter(model).text_attention_modules()
+        self.hooks = [m.register_forward_pre_hook(lambda *a: self._enter()) for m in mods]
+        self.hooks += [m.register_forward_hook(lambda *a: self._leave()) for m in mods]
+
+    def _enter(self):
+        self.inside += 1
+
+    def _leave(self):
+        self.inside -= 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.inside:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+        return out
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def _largest(model, inputs, **kw):
+    mode = LargestInAttention(model)
+    try:
+        with torch.no_grad(), mode:
+            model(**inputs, **kw)
+    finally:
+        mode.close()
+    return mode.largest
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl"])
+def test_no_head_by_l_by_l_tensor_in_attention(fam):
+    model = tiny(fam)
+    batch = make_batch(fam, model, (2, 2), text_lens=(40, 60))  # long enough that L*L dominates
+    B, L = batch.inputs["input_ids"].shape
+    H = model.config.get_text_config().num_attention_heads
+    quadratic = B * H * L * L
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        assert _largest(model, batch.inputs, output_attentions=True) >= quadratic  # the check can fail
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    # (a probe of many query rows costs rows x L by design, PROBE_CHUNK rows at a time; record reads one row)
+    for methods in (["record"], [Edits(bias=2.0, fraction=0.5, head_scale=(1.0, 0.5, 1.0, 2.0))]):
+        with vlmplug.apply(model, methods):
+            assert _largest(model, batch.inputs) < quadratic / 2, methods
