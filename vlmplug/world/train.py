@@ -41,7 +41,7 @@ GRID = IMAGE_SIZE // PATCH_SIZE
 
 @dataclass
 class TrainConfig:
-    steps: int = 1200
+    steps: int = 2400
     batch_size: int = 24
     lr: float = 2.5e-3
     projector_lr: float = 5e-3
@@ -60,6 +60,8 @@ class TrainConfig:
     eval_per_kind: int = 96
     grad_clip: float = 1.0
     minutes: float | None = None  # time-boxed run: the schedule follows wall time instead of ``steps``
+    init_from: str | None = None  # continue from a saved checkpoint (e.g. a second, low-LR stage)
+    kind_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)  # sampling weights of QUESTION_KINDS per turn
     model_sizes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,13 +158,13 @@ class Encoder:
         return (shape_of[best], color_of[best], centre), counts
 
 
-def sample_questions(scene: S.Scene, rng: random.Random, n: int) -> list[S.Question]:
+def sample_questions(scene: S.Scene, rng: random.Random, n: int, weights=None) -> list[S.Question]:
     out: list[S.Question] = []
     kinds = list(S.QUESTION_KINDS)
     tries = 0
     while len(out) < n and tries < 4 * n:
         tries += 1
-        kind = rng.choice(kinds)
+        kind = rng.choices(kinds, weights=weights)[0] if weights else rng.choice(kinds)
         q = S.ask(scene, kind, rng)
         if q is not None and all(q.text != o.text for o in out):
             out.append(q)
@@ -186,7 +188,8 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
     while len(images) < cfg.batch_size:
         opts = curriculum(progress, rng)
         scene = S.random_scene(rng, kinds=(), **opts)
-        qs = sample_questions(scene, rng, rng.randint(*cfg.turns))
+        weights = None if len(set(cfg.kind_weights)) == 1 else list(cfg.kind_weights)
+        qs = sample_questions(scene, rng, rng.randint(*cfg.turns), weights)
         # A count question about the repeated shape is likely asked by sample_questions' random shape choice only
         # 1/5 of the time; random_scene(count_focus) makes repeats, and we add one focused count question here.
         if rng.random() < 0.35 and scene.objects:
@@ -383,8 +386,13 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
 
     processor = build_processor()
     enc = Encoder(processor)
-    model = build_model(seed=cfg.seed, **cfg.model_sizes)
-    init_vision_positions(model)
+    if cfg.init_from:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+    else:
+        model = build_model(seed=cfg.seed, **cfg.model_sizes)
+        init_vision_positions(model)
     if cfg.attn_weight:
         # Attention supervision needs the attention probabilities: eager attention in the decoder while training.
         model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa", "": "sdpa"})
@@ -520,6 +528,7 @@ def _cfg_dict(cfg: TrainConfig) -> dict:
     d = dict(cfg.__dict__)
     d["turns"] = list(d["turns"])
     d["attn_layers"], d["attn_heads"] = list(d["attn_layers"]), list(d["attn_heads"])
+    d["kind_weights"] = list(d["kind_weights"])
     return d
 
 
@@ -556,16 +565,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=None, help="time-boxed run: the schedule follows wall time")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--projector-lr", type=float, default=TrainConfig.projector_lr)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--threads", type=int, default=TrainConfig.threads)
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    p.add_argument("--init-from", default=None, help="continue from this checkpoint folder (second stage)")
+    p.add_argument("--kind-weights", default=None, help="sampling weights of color,exists,where,count, e.g. 1,3,1,1")
+    p.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     p.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
     p.add_argument("--log", default=None, help="JSON-lines log file")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _, _, metrics = train(
         steps=a.steps, out_dir=a.out, log_file=a.log, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-        threads=a.threads, eval_every=a.eval_every, minutes=a.minutes,
+        threads=a.threads, eval_every=a.eval_every, minutes=a.minutes, init_from=a.init_from,
+        aux_weight=a.aux_weight, warmup=a.warmup, projector_lr=a.projector_lr,
+        **({"kind_weights": tuple(float(x) for x in a.kind_weights.split(","))} if a.kind_weights else {}),
     )
     print(json.dumps(dict(seconds=metrics["seconds"], steps=metrics["steps"], best=metrics["best"]), indent=2))
 
