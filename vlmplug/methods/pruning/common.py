@@ -58,6 +58,15 @@ def drop_stats(session, layer_lens: list[int]) -> dict:
     }
 
 
+def token_drop_stats(session, K: int | None) -> dict:
+    """`drop_stats` for methods that drop tokens before layer K (full length before, kept length after)."""
+    if session is None or session.input_ids is None or K is None:
+        return {}
+    n, L = session.adapter.num_layers, session.prompt_len
+    Lk = int(session.keep.shape[1]) if session.keep is not None else L
+    return drop_stats(session, [L] * K + [Lk] * (n - K))
+
+
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores (ties broken by position), sorted ascending."""
     if k >= scores.numel():

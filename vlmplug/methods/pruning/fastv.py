@@ -15,7 +15,7 @@ import torch
 from ...backend.plan import LayerPlan, Probe
 from ...registry import register_method
 from ..base import Method, check_choice, check_range
-from .common import budget, check_budget, drop_stats, topk_sorted
+from .common import budget, check_budget, token_drop_stats, topk_sorted
 
 
 @register_method("fastv")
@@ -82,10 +82,4 @@ class FastV(Method):
         return keeps
 
     def stats(self):
-        s = self.session
-        if s is None or s.input_ids is None:
-            return {}
-        L = s.prompt_len
-        n = s.adapter.num_layers
-        Lk = int(s.keep.shape[1]) if s.keep is not None else L
-        return drop_stats(s, [L] * self.layer + [Lk] * (n - self.layer))
+        return token_drop_stats(self.session, self.layer)

@@ -11,7 +11,7 @@ import torch
 
 from ...errors import MethodConfigError
 from ..base import Method
-from .common import budget, check_budget, drop_stats
+from .common import budget, check_budget, token_drop_stats
 
 
 class PreLLMSelection(Method):
@@ -58,11 +58,4 @@ class PreLLMSelection(Method):
         return keeps
 
     def stats(self):
-        s = self.session
-        if s is None or s.input_ids is None:
-            return {}
-        n = s.adapter.num_layers
-        L = s.prompt_len
-        Lk = int(s.keep.shape[1]) if s.keep is not None else L
-        K = self.drop_layer
-        return drop_stats(s, [L] * K + [Lk] * (n - K))
+        return token_drop_stats(self.session, getattr(self, "drop_layer", None))
