@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         for r in a.ratios:
             params = method_params(m, r, model)
             rows.append((m, r, evaluate(model, processor, scenes, methods=m, method_params=params, desc=f"{m} {r}")))
-    head = f"{'method':<10}{'keep':>6}{'overall':>9}" + "".join(f"{k:>9}" for k in QUESTION_KINDS) + f"{'tokens':>8}"
+    head = f"{'method':<10}{'keep':>6}{'overall':>9}" + "".join(f"{k:>9}" for k in QUESTION_KINDS) + f"{'prompt':>8}"
     print(head)
     print("-" * len(head))
     for m, r, res in rows:
