@@ -17,6 +17,7 @@ _METHOD_MODULES = (
     "vlmplug.methods.pruning.cluster",
     "vlmplug.methods.pruning.hiprune",
     "vlmplug.methods.pruning.visionzip",
+    "vlmplug.methods.pruning.flowcut",
 )
 _ADAPTER_MODULES = (
     "vlmplug.adapters.llava",

@@ -6,6 +6,8 @@
   move mass; cost grows with head_dim, not with L^2.
 - head scale: a multiply of the output heads.
 - probes: softmax rows of the selected queries only (O(rows x S)), with the model's mask and GQA.
+- key mask: removed keys are folded into the boolean mask SDPA gets (exact, as if the tokens were gone).
+- taps: callbacks that read q/k/v of the call (O(L) statistics), before attention runs.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def visible(attention_mask, is_causal_module: bool, rows: torch.Tensor, q_len: i
         qpos = rows + (S - q_len)  # key index of the query itself (top-left alignment when q_len == S)
         return (torch.arange(S, device=device)[None, None, :] <= qpos[:, :, None])[:, None]
     m = attention_mask
+    if m.shape[2] == 1:  # one row for every query (a key mask): broadcasts
+        return m
     idx = rows[:, None, :, None].expand(m.shape[0], m.shape[1], rows.shape[1], m.shape[-1])
     return torch.gather(m.expand(rows.shape[0], *m.shape[1:]) if m.shape[0] == 1 else m, 2, idx)
 
@@ -79,6 +83,19 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
+def with_key_mask(attention_mask, key_mask: torch.Tensor, is_causal: bool, Lq: int, S: int, device) -> torch.Tensor:
+    """The call's mask (None, bool or additive float; [B|1, 1|H, Lq, S]) with the keys `key_mask` [B, S] removed."""
+    km = key_mask.to(device)[:, None, None, :]
+    if attention_mask is None:
+        if not is_causal:
+            return km
+        qpos = torch.arange(Lq, device=device) + (S - Lq)
+        return (torch.arange(S, device=device)[None, :] <= qpos[:, None])[None, None] & km
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & km
+    return attention_mask.masked_fill(~km, torch.finfo(attention_mask.dtype).min)
+
+
 def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan: LayerPlan) -> torch.Tensor:
     """SDPA with the plan's edits. Returns attention output [B, Lq, Hq, D] (transformers' layout)."""
     B, Hq, Lq, D = query.shape
@@ -87,6 +104,11 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
     is_causal = causal_flag(module, query, attention_mask, kwargs)
     causal_module = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     scale = scaling if scaling is not None else D**-0.5
+    if plan.key_mask is not None:
+        attention_mask = with_key_mask(attention_mask, plan.key_mask, is_causal, Lq, S, query.device)
+        is_causal = False
+    for tap in plan.taps:
+        tap(query, key, value, attention_mask, scale)
 
     for probe in plan.probes:
         run_probe(module, probe, query, key, attention_mask, scale, causal_module, plan.bias)

@@ -38,20 +38,33 @@ class Redistribute:
     rows: torch.Tensor | None = None
 
 
+#: tap(query, key, value, mask, scale): sees the call's RoPE-applied tensors ([B, H, L, D]; the mask as SDPA gets
+#: it, key masks folded in; the softmax scale) before attention runs; for O(L) statistics such as one query's
+#: attention row. Must not edit them.
+Tap = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
+
+
 @dataclass
 class LayerPlan:
     probes: list[Probe] = field(default_factory=list)
     bias: torch.Tensor | None = None  # float [B, Hq, S] additive logit bias, per head and key
     redistribute: Redistribute | None = None
     head_scale: torch.Tensor | None = None  # float [Hq] or [B, Hq], multiplies each head's output
+    key_mask: torch.Tensor | None = None  # bool [B, S]: keys every query may see (False = removed token)
+    taps: list[Tap] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.probes and self.bias is None and self.redistribute is None and self.head_scale is None
+        return (not self.probes and self.bias is None and self.redistribute is None and self.head_scale is None
+                and self.key_mask is None and not self.taps)
 
     def merge(self, other: "LayerPlan") -> None:
-        """Compose another method's requests: probes accumulate, biases add, head scales multiply."""
+        """Compose another method's requests: probes and taps accumulate, biases add, head scales multiply,
+        key masks intersect."""
         self.probes += other.probes
+        self.taps += other.taps
+        if other.key_mask is not None:
+            self.key_mask = other.key_mask if self.key_mask is None else self.key_mask & other.key_mask
         if other.bias is not None:
             self.bias = other.bias if self.bias is None else self.bias + other.bias
         if other.head_scale is not None:

@@ -230,14 +230,19 @@ def text_decoder_layers(model) -> list:
     return list(lm.layers)
 
 
-def build_tiny_model(family: str, *, dtype=torch.float32, seed: int = 0, sharpen: float = 8.0):
+def build_tiny_model(family: str, *, dtype=torch.float32, seed: int = 0, sharpen: float = 8.0,
+                     vision_layers: int | None = None):
     """Build the tiny random-weight model of ``family`` in eval mode with SDPA attention everywhere.
 
     The text decoder's ``q_proj``/``k_proj`` weights are multiplied by ``sharpen`` (random init gives
     near-uniform attention otherwise). Gemma 3's zero-initialised multimodal projection is randomised.
-    Weights depend only on ``(family, seed)``; the global torch RNG state is left untouched.
+    ``vision_layers`` deepens the vision tower (default 2 layers), for methods with per-layer schedules.
+    Weights depend only on ``(family, seed, vision_layers)``; the global torch RNG state is left untouched.
     """
     config = tiny_config(family)
+    if vision_layers is not None:
+        vc = config.vision_config
+        setattr(vc, "depth" if hasattr(vc, "depth") else "num_hidden_layers", int(vision_layers))
     cls = _model_class(family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -62,6 +62,11 @@ class TrainConfig:
     minutes: float | None = None  # time-boxed run: the schedule follows wall time instead of ``steps``
     init_from: str | None = None  # continue from a saved checkpoint (e.g. a second, low-LR stage)
     kind_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)  # sampling weights of QUESTION_KINDS per turn
+    # Existence questions: "match" supervises attention on the matching object only (none for a "no"); "shape"
+    # supervises it on every object of the asked shape, so a "no" to a shape that is here in another colour is
+    # answered by reading that object's colour (the hard negative the model got wrong most often).
+    exists_targets: str = "match"
+    hard_exists: float = 0.0  # chance per training image of one extra "shape here, colour not" existence question
     model_sizes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -197,6 +202,10 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
             q = S.count_question(scene, shape)
             if all(q.text != o.text for o in qs):
                 qs.insert(rng.randint(0, len(qs)), q)
+        if rng.random() < cfg.hard_exists:
+            q = hard_negative(scene, rng)
+            if q is not None and all(q.text != o.text for o in qs):
+                qs.insert(rng.randint(0, len(qs)), q)
         if not qs:
             continue
         ids, lab, qpos, kpos = enc.conversation(qs)
@@ -207,7 +216,7 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
                 key_q.append(pos)
                 key_k.append(k)
         for q, pos in zip(qs, qpos):
-            objs = attention_targets(scene, q)
+            objs = attention_targets(scene, q, cfg.exists_targets)
             if not objs:
                 continue
             # Target: the patch holding each asked object's centre (where the "centre" auxiliary class lives).
@@ -243,9 +252,19 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
     return dict(input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, labels=labels), aux_t, sup
 
 
-def attention_targets(scene: S.Scene, q: S.Question) -> list[int]:
+def hard_negative(scene: S.Scene, rng: random.Random) -> S.Question | None:
+    """"Is there a <colour> <shape>?" for a shape that is in the scene, in a colour it is not: answer "no"."""
+    present = {(o.shape, o.color) for o in scene.objects}
+    pool = sorted({(o.shape, c) for o in scene.objects for c in S.COLORS} - present)
+    if not pool:
+        return None
+    shape, color = rng.choice(pool)
+    return S.exists_question(scene, shape, color)
+
+
+def attention_targets(scene: S.Scene, q: S.Question, exists: str = "match") -> list[int]:
     """Indices of the objects a question is about (where the answer's attention should look); [] if none."""
-    if q.kind == "count":
+    if q.kind == "count" or (q.kind == "exists" and exists == "shape"):
         return [i for i, o in enumerate(scene.objects) if o.shape == q.shape]
     return [] if q.target is None else [q.target]
 
@@ -571,6 +590,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     p.add_argument("--init-from", default=None, help="continue from this checkpoint folder (second stage)")
     p.add_argument("--kind-weights", default=None, help="sampling weights of color,exists,where,count, e.g. 1,3,1,1")
+    p.add_argument("--exists-targets", choices=("match", "shape"), default=TrainConfig.exists_targets,
+                   help="existence questions: attention target = the matching object, or every object of the shape")
+    p.add_argument("--hard-exists", type=float, default=TrainConfig.hard_exists,
+                   help="chance per image of an extra existence question whose shape is here in another colour")
+    p.add_argument("--eval-per-kind", type=int, default=TrainConfig.eval_per_kind)
     p.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     p.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
@@ -580,7 +604,8 @@ def main(argv: list[str] | None = None) -> None:
     _, _, metrics = train(
         steps=a.steps, out_dir=a.out, log_file=a.log, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         threads=a.threads, eval_every=a.eval_every, minutes=a.minutes, init_from=a.init_from,
-        aux_weight=a.aux_weight, warmup=a.warmup, projector_lr=a.projector_lr,
+        aux_weight=a.aux_weight, warmup=a.warmup, projector_lr=a.projector_lr, exists_targets=a.exists_targets,
+        hard_exists=a.hard_exists, eval_per_kind=a.eval_per_kind,
         **({"kind_weights": tuple(float(x) for x in a.kind_weights.split(","))} if a.kind_weights else {}),
     )
     print(json.dumps(dict(seconds=metrics["seconds"], steps=metrics["steps"], best=metrics["best"]), indent=2))
