@@ -20,7 +20,7 @@ import time
 
 import torch
 
-DEFAULT_METHODS = ("fastv", "visionzip", "hiprune", "cluster", "plphp")
+DEFAULT_METHODS = ("fastv", "visionzip", "hiprune", "flowcut", "cluster", "plphp")
 
 
 def _sync(device):

@@ -19,27 +19,42 @@ from .vision_common import PreLLMSelection
 
 
 def cosine_kmeans(x: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster rows of x ([n, D]) into k groups; returns (assignment [n], centres [k, D] unit-norm).
-    Runs in float64 so the result does not depend on the model's dtype."""
+    """Cluster rows of x ([n, D]) into k groups; returns (assignment [n], each row's cosine similarity to its
+    cluster's centre [n]). Runs in float64 so the result does not depend on the model's dtype.
+
+    Everything after one Gram matrix G = X X^T (X: unit rows) is done in the n x n space: a centre is a weighted
+    sum of rows, X^T w_j, so its similarity to row i is (G w_j)_i / sqrt(w_j^T G w_j). One n^2 D product
+    instead of one n k D product per step, which makes the cost independent of k and of the iteration count.
+    """
     xn = torch.nn.functional.normalize(x.double(), dim=-1)
+    n = xn.shape[0]
+    G = xn @ xn.T
     chosen = [0]
-    best = xn @ xn[0]
+    best = G[0].clone()
     for _ in range(1, k):
         i = int(torch.argmin(best))
         chosen.append(i)
-        best = torch.maximum(best, xn @ xn[i])
-    c = xn[chosen].clone()
-    assign = torch.argmax(xn @ c.T, dim=1)
+        best = torch.maximum(best, G[i])
+    W = torch.zeros(n, k, dtype=G.dtype, device=G.device)  # centre j = normalize(X^T W[:, j])
+    W[chosen, torch.arange(k)] = 1.0
+
+    def similarities(W):
+        GW = G @ W
+        norms = (W * GW).sum(0).clamp_min(0).sqrt()
+        return GW / norms.clamp_min(1e-300)
+
+    sim = similarities(W)
+    assign = torch.argmax(sim, dim=1)
     for _ in range(iters):
-        sums = torch.zeros_like(c).index_add_(0, assign, xn)
-        counts = torch.bincount(assign, minlength=k)
-        nonempty = counts > 0
-        c[nonempty] = torch.nn.functional.normalize(sums[nonempty], dim=-1)
-        new = torch.argmax(xn @ c.T, dim=1)
+        A = torch.nn.functional.one_hot(assign, k).to(G.dtype)
+        nonempty = A.sum(0) > 0
+        W = torch.where(nonempty[None, :], A, W)  # an empty cluster keeps its centre
+        sim = similarities(W)
+        new = torch.argmax(sim, dim=1)
         if torch.equal(new, assign):
             break
         assign = new
-    return assign, c
+    return assign, sim.gather(1, assign[:, None]).squeeze(1)
 
 
 @register_method("cluster")
@@ -62,9 +77,8 @@ class Cluster(PreLLMSelection):
             return torch.arange(n)
         if k == 0:
             return torch.zeros(0, dtype=torch.long)
-        assign, c = cosine_kmeans(x, k, self.iters)
+        assign, sim = cosine_kmeans(x, k, self.iters)
         xd = x.double()
-        sim = (torch.nn.functional.normalize(xd, dim=-1) * c[assign]).sum(-1)
         counts = torch.bincount(assign, minlength=k)
         used = torch.nonzero(counts).flatten()
         # representative: the member closest to its centre, ties (two-member clusters) to the earliest position
