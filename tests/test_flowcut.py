@@ -14,7 +14,7 @@ from reference import masked_eager_attention, register_reference
 from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-FAMS = ["llava", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen3_vl"]
+FAMS = ["llava", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen3_vl", "internvl"]
 _DEEP: dict = {}
 SHARP = 8.0
 

@@ -10,7 +10,7 @@ from reference import eager_softmax, masked_eager_attention, register_reference
 from vlmplug.testing.tiny import make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-HIPRUNE_FAMS = ["llava", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen3_vl"]
+HIPRUNE_FAMS = ["llava", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen3_vl", "internvl"]
 
 
 def _vision_capture(model, inputs):
@@ -218,8 +218,77 @@ def test_identity_and_padded_batch(meth, fam, kw):
 
 
 def test_unsupported_families_say_so():
-    with pytest.raises(vlmplug.MethodConfigError, match="not implemented for 'qwen2_5_vl'.*supported: \\['gemma3', 'idefics3', 'llava', 'qwen2_vl', 'qwen3_vl', 'smolvlm'\\]"):
+    with pytest.raises(vlmplug.MethodConfigError, match="not implemented for 'qwen2_5_vl'.*supported: \\['gemma3', 'idefics3', 'internvl', 'llava', 'qwen2_vl', 'qwen3_vl', 'smolvlm'\\]"):
         vlmplug.apply(tiny("qwen2_5_vl"), "hiprune")
     with pytest.raises(vlmplug.MethodConfigError, match="visionzip.*'gemma3' is not supported"):
         vlmplug.apply(tiny("gemma3"), "visionzip")
     assert "_vlmplug_handle" not in vars(tiny("gemma3"))
+
+
+@pytest.mark.parametrize("fam", HIPRUNE_FAMS + ["internvl"])
+def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
+    """Perturb one patch at the feature layer and see which LLM image-token rows move: exactly the group the
+    grid mapping (used by every vision-side method) names, in the crop's place in token order."""
+    from vlmplug.adapters import get_adapter
+    from vlmplug.methods.pruning.flowcut import patch_groups
+
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
+    ad = get_adapter(model)
+    grid = ad.vision_grid()
+    attn = ad.vision_attention_modules()[grid.feature_layer]
+    base = model.base_model
+    orig = base.get_image_features
+    feats, target = [], {}
+
+    def hook(module, args, out):
+        o = out[0] if isinstance(out, tuple) else out
+        calls = target.setdefault("calls", [])
+        calls.append(o.shape)
+        if "where" in target and len(calls) - 1 == target["where"][0]:
+            o = o.clone()
+            delta = 50.0 * torch.randn(o.shape[-1], generator=torch.Generator().manual_seed(0))  # survives LayerNorm
+            if o.dim() == 3:
+                o[target["where"][1], target["where"][2]] += delta
+            else:
+                o[target["where"][2]] += delta
+            return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
+        return None
+
+    def capture(*a, **k):
+        out = orig(*a, **k)
+        p = out.pooler_output
+        feats.append(torch.cat([t.reshape(-1, t.shape[-1]) for t in p]) if isinstance(p, (list, tuple)) else p.reshape(-1, p.shape[-1]))
+        return out
+
+    h = attn.register_forward_hook(hook)
+    base.get_image_features = capture
+    try:
+        with torch.no_grad():
+            model(**batch.inputs)
+            ref = feats.pop()
+            shapes = list(target["calls"])
+            # crops in token order: (call, index in call, patches); Qwen's tower runs one call per image (packed rows)
+            crops = []
+            for ci, s in enumerate(shapes):
+                if len(s) == 3:
+                    crops += [(ci, b, s[1]) for b in range(s[0])]
+                else:
+                    crops.append((ci, None, s[0]))
+            row0 = 0
+            checked = 0
+            for ci, b, S in crops:
+                off = 1 if grid.cls else 0
+                gid, G = patch_groups(S - off, grid)
+                for j in sorted({0, (S - off) // 2, S - off - 1}):
+                    target.update(calls=[], where=(ci, b if b is not None else 0, j + off))
+                    model(**batch.inputs)
+                    moved = (feats.pop() - ref).abs().amax(-1) > 1e-4
+                    assert torch.nonzero(moved).flatten().tolist() == [row0 + int(gid[j])], (ci, b, j)
+                    checked += 1
+                target.pop("where")
+                row0 += G
+            assert row0 == ref.shape[0] and checked >= 3 * len(crops)
+    finally:
+        h.remove()
+        base.get_image_features = orig

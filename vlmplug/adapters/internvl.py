@@ -34,3 +34,16 @@ class InternVLAdapter(Adapter):
             im.processed_size = (S, S)
             images.append(im)
         return images
+
+    def vision_grid(self):
+        from .base import VisionGrid
+
+        if getattr(self.config, "vision_feature_select_strategy", "default") != "default":
+            return None
+        vfl = getattr(self.config, "vision_feature_layer", -1)
+        if not isinstance(vfl, int):
+            return None
+        n = int(self.config.vision_config.num_hidden_layers)
+        # pixel shuffle (downsample_ratio 0.5) packs each 2x2 block of patches, row-major, into one LLM token
+        pool = int(round(1.0 / float(self.config.downsample_ratio)))
+        return VisionGrid(cls=True, pool=pool, feature_layer=vfl % (n + 1) - 1, num_layers=n)

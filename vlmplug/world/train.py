@@ -67,6 +67,10 @@ class TrainConfig:
     # answered by reading that object's colour (the hard negative the model got wrong most often).
     exists_targets: str = "match"
     hard_exists: float = 0.0  # chance per training image of one extra "shape here, colour not" existence question
+    # colours the model confuses with each other (found by eval: red / blue / purple); a hard negative whose present
+    # and asked colours are both in this set is drawn this many times more often
+    confusable: tuple[str, ...] = ()
+    confusable_weight: float = 4.0
     model_sizes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -203,7 +207,7 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
             if all(q.text != o.text for o in qs):
                 qs.insert(rng.randint(0, len(qs)), q)
         if rng.random() < cfg.hard_exists:
-            q = hard_negative(scene, rng)
+            q = hard_negative(scene, rng, cfg.confusable, cfg.confusable_weight)
             if q is not None and all(q.text != o.text for o in qs):
                 qs.insert(rng.randint(0, len(qs)), q)
         if not qs:
@@ -252,13 +256,20 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
     return dict(input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, labels=labels), aux_t, sup
 
 
-def hard_negative(scene: S.Scene, rng: random.Random) -> S.Question | None:
-    """"Is there a <colour> <shape>?" for a shape that is in the scene, in a colour it is not: answer "no"."""
+def hard_negative(scene: S.Scene, rng: random.Random, confusable=(), weight: float = 1.0) -> S.Question | None:
+    """"Is there a <colour> <shape>?" for a shape that is in the scene, in a colour it is not: answer "no".
+    Pairs whose present and asked colours are both ``confusable`` are ``weight`` times more likely."""
     present = {(o.shape, o.color) for o in scene.objects}
-    pool = sorted({(o.shape, c) for o in scene.objects for c in S.COLORS} - present)
+    pool: dict[tuple[str, str], float] = {}
+    for o in scene.objects:
+        for c in S.COLORS:
+            if (o.shape, c) not in present:
+                w = weight if (o.color in confusable and c in confusable) else 1.0
+                pool[(o.shape, c)] = max(pool.get((o.shape, c), 0.0), w)
     if not pool:
         return None
-    shape, color = rng.choice(pool)
+    keys = sorted(pool)
+    shape, color = rng.choices(keys, weights=[pool[k] for k in keys])[0]
     return S.exists_question(scene, shape, color)
 
 
@@ -548,6 +559,7 @@ def _cfg_dict(cfg: TrainConfig) -> dict:
     d["turns"] = list(d["turns"])
     d["attn_layers"], d["attn_heads"] = list(d["attn_layers"]), list(d["attn_heads"])
     d["kind_weights"] = list(d["kind_weights"])
+    d["confusable"] = list(d["confusable"])
     return d
 
 
@@ -594,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="existence questions: attention target = the matching object, or every object of the shape")
     p.add_argument("--hard-exists", type=float, default=TrainConfig.hard_exists,
                    help="chance per image of an extra existence question whose shape is here in another colour")
+    p.add_argument("--confusable", default="", help="comma-separated colours drawn more often as hard negatives")
+    p.add_argument("--confusable-weight", type=float, default=TrainConfig.confusable_weight)
     p.add_argument("--eval-per-kind", type=int, default=TrainConfig.eval_per_kind)
     p.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
@@ -605,7 +619,8 @@ def main(argv: list[str] | None = None) -> None:
         steps=a.steps, out_dir=a.out, log_file=a.log, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         threads=a.threads, eval_every=a.eval_every, minutes=a.minutes, init_from=a.init_from,
         aux_weight=a.aux_weight, warmup=a.warmup, projector_lr=a.projector_lr, exists_targets=a.exists_targets,
-        hard_exists=a.hard_exists, eval_per_kind=a.eval_per_kind,
+        hard_exists=a.hard_exists, eval_per_kind=a.eval_per_kind, confusable_weight=a.confusable_weight,
+        confusable=tuple(c for c in a.confusable.split(",") if c),
         **({"kind_weights": tuple(float(x) for x in a.kind_weights.split(","))} if a.kind_weights else {}),
     )
     print(json.dumps(dict(seconds=metrics["seconds"], steps=metrics["steps"], best=metrics["best"]), indent=2))
