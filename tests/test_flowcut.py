@@ -53,7 +53,7 @@ def _groups(n: int, grid) -> tuple[list[int], int]:
 
 
 class RefFlowCut:
-    def __init__(self, model, ratio=None, tokens=None, decay=0.5):
+    def __init__(self, model, ratio=None, tokens=None, decay=0.5, plans=None):
         from vlmplug.adapters import get_adapter
 
         ad = get_adapter(model)
@@ -63,6 +63,7 @@ class RefFlowCut:
         self.ratio, self.tokens, self.decay = ratio, tokens, decay
         self.crops, self.call_crops, self.calls = [], [], {}
         self.tokens_per_layer: dict[int, int] = {}
+        self.plans = list(plans) if plans is not None else None  # packed grids: per crop (target, allowed patches)
 
     def _target(self, G):
         k = min(G, self.tokens) if self.tokens is not None else min(G, int(round(G * self.ratio)))
@@ -78,7 +79,12 @@ class RefFlowCut:
             ids = []
             for _ in range(B):
                 groups, G = _groups(S - off, self.grid)
-                self.crops.append(dict(alive=set(range(G)), cum=[0.0] * G, groups=groups, G=G, target=self._target(G)))
+                cum, target = [0.0] * G, self._target(G)
+                if self.plans is not None:
+                    t, allowed = self.plans.pop(0)
+                    target = max(1, t)
+                    cum = [0.0 if g in allowed else float("-inf") for g in range(G)]
+                self.crops.append(dict(alive=set(range(G)), cum=cum, groups=groups, G=G, target=target))
                 ids.append(len(self.crops) - 1)
             self.call_crops.append(ids)
         scale = scaling if scaling is not None else D**-0.5
@@ -274,3 +280,59 @@ def test_identity_padded_batch_and_errors():
     with pytest.raises(vlmplug.MethodConfigError, match="flowcut: decay"):
         vlmplug.apply(model, "flowcut", decay=2.0)
     assert "_vlmplug_handle" not in vars(model)
+
+
+def _split(k, counts):
+    tot = sum(counts)
+    k = min(k, tot)
+    exact = [k * c / tot for c in counts]
+    out = [int(e) for e in exact]
+    for i in sorted(range(len(counts)), key=lambda i: (-(exact[i] - out[i]), i))[: k - sum(out)]:
+        out[i] += 1
+    return out
+
+
+@pytest.mark.parametrize("fam", ["llava_next", "llava_onevision"])
+def test_flowcut_packed_matches_reference(fam):
+    """LLaVA-NeXT / OneVision: per-crop targets from the image budget split by tokens per crop; patches that
+    unpadding removes go first; the surviving patches' token rows are kept, newline tokens dropped."""
+    from vlmplug.adapters import get_adapter
+
+    model = tiny(fam)
+    ad = get_adapter(model)
+    batch = make_batch(fam, model, (1, 2))
+    ratio = 0.4
+    with vlmplug.apply(model, "flowcut", keep_ratio=ratio) as h, torch.no_grad():
+        out = model(**batch.inputs).logits[:, -1]
+        g = model.generate(**batch.inputs, **GEN)
+        lay = h.layout
+        alive = [_alive(h, b) for b in range(2)]
+    images = [(b, im) for b, s in enumerate(lay.samples) for im in s.images]
+    plans, maps = [], []
+    for _, im in images:
+        n_crops, crop, patch = ad.crop_token_map(im)
+        maps.append((n_crops, crop, patch))
+        counts = [int((crop == c).sum()) for c in range(n_crops)]
+        for c, k in enumerate(_split(int(round(im.positions.numel() * ratio)), counts)):
+            plans.append((k, {int(p) for p in patch[crop == c]}))
+    ref = RefFlowCut(model, ratio=ratio, plans=plans)
+    _run_ref(model, batch.inputs, ref)
+    dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
+    c0 = 0
+    for (b, im), (n_crops, crop, patch) in zip(images, maps):
+        k = int(round(im.positions.numel() * ratio))
+        cand = [(ref.crops[c0 + int(c)]["cum"][int(p)], r) for r, (c, p) in enumerate(zip(crop.tolist(), patch.tolist()))
+                if c >= 0 and int(p) in ref.crops[c0 + int(c)]["alive"]]
+        c0 += n_crops
+        sel = sorted(r for _, r in sorted(cand, key=lambda m: (-m[0], m[1]))[:k])
+        got = sorted(torch.nonzero(torch.isin(im.positions, alive[b])).flatten().tolist())
+        assert got == sel
+        mask = torch.ones(im.positions.numel(), dtype=torch.bool)
+        mask[sel] = False
+        dropped[b, im.positions[mask]] = True
+    assert c0 == len(ref.crops)
+    text = masked_eager_attention(drop_from_layer=0, dropped=dropped)
+    ref_out = _run_ref(model, batch.inputs, RefFlowCut(model, ratio=ratio, plans=plans), text)
+    assert (out - ref_out).abs().max() <= 1e-4
+    gr = _run_ref(model, batch.inputs, RefFlowCut(model, ratio=ratio, plans=plans), text, True)
+    assert torch.equal(g.sequences, gr.sequences)

@@ -218,17 +218,18 @@ def test_identity_and_padded_batch(meth, fam, kw):
 
 
 def test_unsupported_families_say_so():
-    with pytest.raises(vlmplug.MethodConfigError, match="not implemented for 'qwen2_5_vl'.*supported: \\['gemma3', 'idefics3', 'internvl', 'llava', 'qwen2_vl', 'qwen3_vl', 'smolvlm'\\]"):
+    with pytest.raises(vlmplug.MethodConfigError, match="not implemented for 'qwen2_5_vl'.*supported: \\['gemma3', 'idefics3', 'internvl', 'llava', 'llava_next', 'llava_onevision', 'qwen2_vl', 'qwen3_vl', 'smolvlm'\\]"):
         vlmplug.apply(tiny("qwen2_5_vl"), "hiprune")
     with pytest.raises(vlmplug.MethodConfigError, match="visionzip.*'gemma3' is not supported"):
         vlmplug.apply(tiny("gemma3"), "visionzip")
     assert "_vlmplug_handle" not in vars(tiny("gemma3"))
 
 
-@pytest.mark.parametrize("fam", HIPRUNE_FAMS + ["internvl"])
+@pytest.mark.parametrize("fam", HIPRUNE_FAMS + ["llava_next", "llava_onevision"])
 def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
-    """Perturb one patch at the feature layer and see which LLM image-token rows move: exactly the group the
-    grid mapping (used by every vision-side method) names, in the crop's place in token order."""
+    """Perturb one patch at the feature layer and see which LLM image-token rows move: exactly the tokens the
+    grid mapping (used by every vision-side method) names, in the crop's place in token order. For LLaVA-NeXT /
+    OneVision the adapter's packed crop map names them (none for a patch that unpadding removed)."""
     from vlmplug.adapters import get_adapter
     from vlmplug.methods.pruning.flowcut import patch_groups
 
@@ -261,6 +262,9 @@ def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
         feats.append(torch.cat([t.reshape(-1, t.shape[-1]) for t in p]) if isinstance(p, (list, tuple)) else p.reshape(-1, p.shape[-1]))
         return out
 
+    with vlmplug.apply(model, "record") as rec, torch.no_grad():  # the layout, for the packed maps
+        model(**batch.inputs)
+        images = [im for s in rec.layout.samples for im in s.images]
     h = attn.register_forward_hook(hook)
     base.get_image_features = capture
     try:
@@ -275,20 +279,115 @@ def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
                     crops += [(ci, b, s[1]) for b in range(s[0])]
                 else:
                     crops.append((ci, None, s[0]))
-            row0 = 0
-            checked = 0
-            for ci, b, S in crops:
-                off = 1 if grid.cls else 0
-                gid, G = patch_groups(S - off, grid)
+            expected = []  # per crop: patch -> sorted rows
+            if grid.packed:
+                row0 = 0
+                for im in images:
+                    n_crops, crop, patch = ad.crop_token_map(im)
+                    for c in range(n_crops):
+                        expected.append(lambda j, c=c, crop=crop, patch=patch, row0=row0:
+                                        [row0 + int(r) for r in torch.nonzero((crop == c) & (patch == j)).flatten()])
+                    row0 += crop.numel()
+            else:
+                row0 = 0
+                for ci, b, S in crops:
+                    gid, G = patch_groups(S - (1 if grid.cls else 0), grid)
+                    expected.append(lambda j, gid=gid, row0=row0: [row0 + int(gid[j])])
+                    row0 += G
+            assert row0 == ref.shape[0] and len(expected) == len(crops)
+            off = 1 if grid.cls else 0
+            for (ci, b, S), exp in zip(crops, expected):
                 for j in sorted({0, (S - off) // 2, S - off - 1}):
                     target.update(calls=[], where=(ci, b if b is not None else 0, j + off))
                     model(**batch.inputs)
                     moved = (feats.pop() - ref).abs().amax(-1) > 1e-4
-                    assert torch.nonzero(moved).flatten().tolist() == [row0 + int(gid[j])], (ci, b, j)
-                    checked += 1
+                    assert torch.nonzero(moved).flatten().tolist() == exp(j), (ci, b, j)
                 target.pop("where")
-                row0 += G
-            assert row0 == ref.shape[0] and checked >= 3 * len(crops)
     finally:
         h.remove()
         base.get_image_features = orig
+
+
+def _split(k, counts):
+    """Largest-remainder split of k over parts weighted by counts (ties to the earlier part)."""
+    tot = sum(counts)
+    k = min(k, tot)
+    exact = [k * c / tot for c in counts]
+    out = [int(e) for e in exact]
+    for i in sorted(range(len(counts)), key=lambda i: (-(exact[i] - out[i]), i))[: k - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _hiprune_ref_allowed(obj, deep, width, k, alpha, allowed):
+    n = obj.numel()
+    cand = [i for i in range(n) if allowed[i]]
+    if k >= len(cand):
+        return cand
+    anchors = sorted(cand, key=lambda i: (-float(obj[i]), i))[: round(k * alpha / 5)]
+    chosen = []
+    for a in anchors:
+        for j in (a, a - 1, a + 1, a - width, a + width):
+            j = min(max(j, 0), n - 1)
+            if allowed[j] and j not in chosen:
+                chosen.append(j)
+    chosen = chosen[:k]
+    rest = [i for i in sorted(cand, key=lambda i: (-float(deep[i]), i)) if i not in chosen]
+    return sorted(chosen + rest[: k - len(chosen)])
+
+
+@pytest.mark.parametrize("fam", ["llava_next", "llava_onevision"])
+def test_hiprune_packed_matches_reference(fam):
+    """LLaVA-NeXT / OneVision: per crop over the patches that have a token, budget split by tokens per crop."""
+    from vlmplug.adapters import get_adapter
+
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
+    ad = get_adapter(model)
+    grid = ad.vision_grid()
+    maps, _, _ = _vision_capture(model, batch.inputs)
+    def per_patch(a):
+        s = a.double().mean(0).mean(0)
+        return s[1:] if grid.cls else s
+    obj = [per_patch(a) for a in maps[0]]
+    deep = [per_patch(a) for a in maps[grid.feature_layer]]
+    ratio, alpha = 0.4, 0.6
+    with vlmplug.apply(model, "hiprune", keep_ratio=ratio, object_layer=1, alpha=alpha) as h, torch.no_grad():
+        out = model(**batch.inputs).logits[:, -1]
+        g = model.generate(**batch.inputs, **GEN)
+        lay = h.layout
+        alive = [_alive(h, b) for b in range(2)]
+    dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
+    crop0 = 0
+    for b, s in enumerate(lay.samples):
+        for im in s.images:
+            n_crops, crop, patch = ad.crop_token_map(im)
+            n = im.positions.numel()
+            counts = [int((crop == c).sum()) for c in range(n_crops)]
+            ref = []
+            for c, k in enumerate(_split(int(round(n * ratio)), counts)):
+                P = obj[crop0 + c].numel()
+                allowed = [False] * P
+                rows = {}
+                for r in torch.nonzero(crop == c).flatten().tolist():
+                    allowed[int(patch[r])] = True
+                    rows[int(patch[r])] = r
+                sel = _hiprune_ref_allowed(obj[crop0 + c], deep[crop0 + c], int(round(P ** 0.5)), k, alpha, allowed)
+                ref += [rows[p] for p in sel]
+            crop0 += n_crops
+            got = sorted(torch.nonzero(torch.isin(im.positions, alive[b])).flatten().tolist())
+            assert got == sorted(ref)
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[ref] = False
+            dropped[b, im.positions[mask]] = True
+    assert crop0 == len(obj)
+    register_reference("refhipp", masked_eager_attention(drop_from_layer=0, dropped=dropped))
+    model.set_attn_implementation({"text_config": "refhipp"})
+    try:
+        with torch.no_grad():
+            ref_out = model(**batch.inputs).logits[:, -1]
+            gr = model.generate(**batch.inputs, **GEN)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    assert (out - ref_out).abs().max() <= 1e-5
+    assert torch.equal(g.sequences, gr.sequences)

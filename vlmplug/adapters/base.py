@@ -31,6 +31,9 @@ class VisionGrid:
     #: >0: crops are whole images of any shape, and each LLM token is this many consecutive patches
     #: (Qwen's merge windows are stored contiguously); the grid width then comes from the layout
     merge: int = 0
+    #: True: an image's tokens are not its crops one after another (LLaVA-NeXT / OneVision unpad, pool and add
+    #: newline tokens); `Adapter.crop_token_map(image)` then says which crop patch each token shows
+    packed: bool = False
 
 
 @dataclass
@@ -136,6 +139,15 @@ class Adapter(ABC):
         """How vision-tower patches become LLM image tokens, for methods that score patches in the
         vision tower; None where that mapping is not implemented for the family."""
         return None
+
+    def crop_token_map(self, image) -> "tuple[int, torch.Tensor, torch.Tensor]":
+        """For a `packed` grid: (number of crops of the image, crop index [n], patch index [n]) for the image's n
+        tokens in order; -1 for tokens that show no patch (newline tokens)."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed vision grid")
+
+    def crop_maps(self, meta) -> "list[tuple[int, torch.Tensor, torch.Tensor]]":
+        """`crop_token_map` of every image of an image-feature call, from its captured arguments (`ImageMeta`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed vision grid")
 
     # ------------------------------------------------------------------ images
     def capture_meta(self, bound: dict[str, Any]) -> ImageMeta:

@@ -75,6 +75,69 @@ class AnyresAdapter(Adapter):
     def to_original(self, image, size):
         image.size = tuple(size)  # boxes are already in the original frame (image_sizes)
 
+    # ------------------------------------------------------------------ vision-side methods
+    def vision_grid(self):
+        from .base import VisionGrid
+
+        strategy = getattr(self.config, "vision_feature_select_strategy", "default")
+        vfl = self.config.vision_feature_layer
+        if not isinstance(vfl, int) or strategy not in ("default", "full"):
+            return None
+        n = int(self.config.vision_config.num_hidden_layers)
+        has_cls = hasattr(self.config.vision_config, "projection_dim") and strategy == "default"  # CLIP drops CLS
+        return VisionGrid(cls=has_cls, pool=1, feature_layer=vfl % (n + 1) - 1, num_layers=n, packed=True)
+
+    def crop_token_map(self, image):
+        W, H = image.size
+        n_crops, crop, patch = self.crop_map((H, W), any(view.name == "highres" for view in image.views))
+        if crop.numel() != image.positions.numel():
+            raise LayoutError(f"packed map of {crop.numel()} tokens for an image of {image.positions.numel()}")
+        return n_crops, crop, patch
+
+    def crop_maps(self, meta) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """`crop_map` of every image of an image-feature call, from its captured arguments."""
+        sizes = meta.get("image_sizes") if meta is not None else None
+        if sizes is None:
+            raise LayoutError("image_sizes of this forward are unknown (no image-feature call was seen)")
+        return [self.crop_map((int(h), int(w)), self._patched(meta, i)) for i, (h, w) in enumerate(sizes.tolist())]
+
+    def crop_map(self, size_hw, patched: bool):
+        """(crops, crop [n], patch [n]) of an image of size (H, W): crop 0 is the base view, then the high-res
+        crops row-major. Pushes patch coordinates through the model's own `pack_image_features` (unpadding,
+        OneVision's bilinear anyres_max pooling, newline tokens), so the map follows the model exactly; a pooled
+        token maps to the patch nearest to where it samples."""
+        import inspect
+
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        v = self.config.vision_config
+        side = int(v.image_size) // int(v.patch_size)
+        P = side * side
+        H, W = size_hw
+        nph, npw = get_anyres_image_grid_shape([H, W], self.config.image_grid_pinpoints, v.image_size) if patched else (0, 0)
+        n_crops = 1 + int(nph) * int(npw)
+        r, c = torch.arange(P) // side, torch.arange(P) % side
+        feats = torch.zeros(n_crops, P, 3, dtype=torch.float64)
+        feats[0, :, 0], feats[0, :, 1] = r, c
+        for k in range(1, n_crops):
+            gr, gc = divmod(k - 1, int(npw))
+            feats[k, :, 0], feats[k, :, 1], feats[k, :, 2] = gr * side + r, gc * side + c, 1.0
+        pack = self.base_model.pack_image_features
+        kw = dict(image_newline=torch.full((3,), -1.0, dtype=torch.float64))
+        params = inspect.signature(pack).parameters
+        if "vision_feature_select_strategy" in params:
+            kw["vision_feature_select_strategy"] = getattr(self.config, "vision_feature_select_strategy", "default")
+        if "vision_aspect_ratio" in params:
+            kw["vision_aspect_ratio"] = getattr(self.config, "vision_aspect_ratio", None) or "anyres_max_9"
+        out = pack([feats], torch.tensor([[H, W]]), **kw)[0][0]  # [n, 3]
+        rows, cols = out[:, 0].round().long(), out[:, 1].round().long()
+        newline = out[:, 2] < -0.5
+        hr = out[:, 2] > 0.5
+        crop = torch.where(hr, 1 + (rows // side) * int(npw) + cols // side, torch.zeros_like(rows))
+        patch = (rows % side) * side + cols % side
+        crop[newline], patch[newline] = -1, -1
+        return n_crops, crop, patch
+
 
 @register_adapter("llava_next")
 class LlavaNextAdapter(AnyresAdapter):

@@ -78,3 +78,18 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
 def isqrt_exact(n: int) -> int:
     r = math.isqrt(n)
     return r if r * r == n else -1
+
+
+def split_budget(k: int, weights: list[int]) -> list[int]:
+    """Split k over parts in proportion to `weights` (largest remainder, ties to the earlier part), each part at
+    most its weight."""
+    total = sum(weights)
+    if total == 0:
+        return [0] * len(weights)
+    k = min(k, total)
+    exact = [k * w / total for w in weights]
+    out = [int(math.floor(e)) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - out[i]), i))
+    for i in order[: k - sum(out)]:
+        out[i] += 1
+    return out

@@ -29,7 +29,7 @@ from ...backend.kernels import expand_kv
 from ...backend.plan import LayerPlan
 from ...registry import register_method
 from ..base import check_range
-from .common import budget
+from .common import budget, split_budget
 from .vision_common import PreLLMSelection
 from .vision_scores import VisionScores
 
@@ -47,16 +47,24 @@ def patch_groups(n_patches: int, grid) -> tuple[torch.Tensor, int]:
 
 
 class _Call:
-    """State of one vision attention call (a batch of crops of the same size) across layers."""
+    """State of one vision attention call (a batch of crops of the same size) across layers.
 
-    def __init__(self, B: int, S: int, grid, keep_ratio, keep_tokens, device):
+    plans: for packed grids (LLaVA-NeXT / OneVision), per crop (target, bool [G] patches that have an LLM token);
+    patches without a token (unpadded away) carry a cumulative score of -inf, so they are the first to go."""
+
+    def __init__(self, B: int, S: int, grid, keep_ratio, keep_tokens, device, plans=None):
         self.off = 1 if grid.cls else 0
         gid, G = patch_groups(S - self.off, grid)
         self.gid = gid.to(device)
         self.G = G
-        self.target = max(1, budget(G, keep_ratio, keep_tokens))
         self.alive = torch.ones(B, G, dtype=torch.bool, device=device)
         self.cum = torch.zeros(B, G, dtype=torch.float64, device=device)
+        if plans is None:
+            self.targets = [max(1, budget(G, keep_ratio, keep_tokens))] * B
+        else:
+            self.targets = [max(1, t) for t, _ in plans]
+            for b, (_, allowed) in enumerate(plans):
+                self.cum[b, ~allowed.to(device)] = float("-inf")
 
     def key_mask(self) -> torch.Tensor | None:
         if bool(self.alive.all()):
@@ -84,6 +92,9 @@ class FlowCut(VisionScores, PreLLMSelection):
         PreLLMSelection.check(self, adapter)
         self._setup_vision(adapter, {})
         self._F = self._grid.feature_layer % self._grid.num_layers
+        if self._grid.packed:
+            v = adapter.config.vision_config
+            self._grid_patches = (int(v.image_size) // int(v.patch_size)) ** 2
         self._calls_seen: dict[int, int] = {}
         self._state: list[_Call] = []
 
@@ -95,6 +106,20 @@ class FlowCut(VisionScores, PreLLMSelection):
         self._calls_seen = {}
         self._state = []
         self._vision_tokens: dict[int, int] = {}
+        self._plans = None
+
+    def _packed_plans(self) -> list:
+        """Per crop of this image-feature call, in order: (target, patches that have a token). An image's budget
+        is split over its crops in proportion to their tokens."""
+        plans = []
+        for n_crops, crop, patch in self.session.adapter.crop_maps(self.session.pending_meta):
+            counts = [int((crop == c).sum()) for c in range(n_crops)]
+            P = self._grid_patches
+            for c, k in enumerate(split_budget(budget(len(crop), self.keep_ratio, self.keep_tokens), counts)):
+                allowed = torch.zeros(P, dtype=torch.bool)
+                allowed[patch[crop == c]] = True
+                plans.append((k, allowed))
+        return plans
 
     def vision_plan(self, ctx):
         li = ctx.layer_idx
@@ -103,7 +128,12 @@ class FlowCut(VisionScores, PreLLMSelection):
         c = self._calls_seen.get(li, 0)
         self._calls_seen[li] = c + 1
         if c == len(self._state):
-            self._state.append(_Call(ctx.batch, ctx.q_len, self._grid, self.keep_ratio, self.keep_tokens, ctx.device))
+            plans = None
+            if self._grid.packed:
+                if self._plans is None:
+                    self._plans = self._packed_plans()
+                plans, self._plans = self._plans[: ctx.batch], self._plans[ctx.batch :]
+            self._state.append(_Call(ctx.batch, ctx.q_len, self._grid, self.keep_ratio, self.keep_tokens, ctx.device, plans))
         st = self._state[c]
         self._vision_tokens[li] = self._vision_tokens.get(li, 0) + int(st.alive.sum())
         taps = [lambda q, k, v, mask, scale, li=li, st=st: self._score(st, li, q, k, v, scale)] if li < self._F else []
@@ -137,17 +167,17 @@ class FlowCut(VisionScores, PreLLMSelection):
         if rpl < 0 or rpl % 2:
             return
         for b in range(B):
-            n = int(st.alive[b].sum())
-            if n <= st.target:
+            n, target = int(st.alive[b].sum()), st.targets[b]
+            if n <= target:
                 continue
             if rpl == 0:
-                r = n - st.target
+                r = n - target
             else:
                 p = g_rel[b][st.alive[b]]
                 p = p / p.sum()
                 ent = float(-(p[p > 0] * p[p > 0].log()).sum()) / math.log(n) if n > 1 else 0.0
-                r = int(math.floor((n - st.target) / math.sqrt(rpl) * (1.0 - ent * ent)))
-                r = min(max(r, 0), n - st.target)
+                r = int(math.floor((n - target) / math.sqrt(rpl) * (1.0 - ent * ent)))
+                r = min(max(r, 0), n - target)
             if r == 0:
                 continue
             cand = torch.nonzero(st.alive[b]).flatten()
@@ -169,9 +199,16 @@ class FlowCut(VisionScores, PreLLMSelection):
         n = x.shape[0]
         if self._crop_alive is None:
             return torch.arange(n)
-        crops = self.crops_of(n, image)
-        alive = torch.cat([self._crop_alive[i] for i, _ in crops])
-        cum = torch.cat([self._crop_cum[i] for i, _ in crops])
+        if self._grid.packed:  # token rows of the surviving patches (newline tokens are dropped)
+            ids, crop, patch = self.packed_crops(image)
+            has = crop >= 0
+            alive, cum = torch.zeros(n, dtype=torch.bool), torch.full((n,), float("-inf"), dtype=torch.float64)
+            alive[has] = torch.stack([self._crop_alive[ids[c]][p] for c, p in zip(crop[has].tolist(), patch[has].tolist())])
+            cum[has] = torch.stack([self._crop_cum[ids[c]][p] for c, p in zip(crop[has].tolist(), patch[has].tolist())])
+        else:
+            crops = self.crops_of(n, image)
+            alive = torch.cat([self._crop_alive[i] for i, _ in crops])
+            cum = torch.cat([self._crop_cum[i] for i, _ in crops])
         k = self.image_budget(n)
         idx = torch.nonzero(alive).flatten()
         if idx.numel() > k:  # several crops: trim to the image's budget by the final cumulative score

@@ -17,26 +17,33 @@ import torch
 
 from ...registry import register_method
 from ..base import check_range
-from .common import topk_sorted
+from .common import split_budget, topk_sorted
 from .vision_common import PreLLMSelection
 from .vision_scores import VisionScores
 
 
-def hiprune_select(obj: torch.Tensor, deep: torch.Tensor, width: int, k: int, alpha: float) -> torch.Tensor:
+def hiprune_select(obj: torch.Tensor, deep: torch.Tensor, width: int, k: int, alpha: float,
+                   allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Kept patch indices of one crop. `allowed` (bool [n]): the patches that have an LLM token (LLaVA-NeXT
+    unpads); the others are never anchors, buffers or registers."""
     n = obj.numel()
-    if k >= n:
-        return torch.arange(n)
+    ok = torch.ones(n, dtype=torch.bool) if allowed is None else allowed.cpu()
+    if k >= int(ok.sum()):
+        return torch.nonzero(ok).flatten()
     n_anchor = int(round(k * alpha / 5))
-    anchors = torch.argsort(obj.double(), descending=True, stable=True)[:n_anchor]
+    o = obj.double().masked_fill(~ok, float("-inf"))
+    anchors = torch.argsort(o, descending=True, stable=True)[:n_anchor]
     chosen: list[int] = []
     for a in anchors.tolist():
         for j in (a, a - 1, a + 1, a - width, a + width):
             j = min(max(j, 0), n - 1)
-            if j not in chosen:
+            if ok[j] and j not in chosen:
                 chosen.append(j)
     chosen = chosen[:k]
     rest = deep.double().clone()
-    rest[chosen] -= 1.0
+    rest = rest - rest.min() + 1.0  # positive, so that chosen (-1 below) and excluded (-inf) sort last
+    rest[chosen] = -1.0
+    rest[~ok] = float("-inf")
     regs = torch.argsort(rest, descending=True, stable=True)[: k - len(chosen)]
     return torch.cat([torch.tensor(chosen, dtype=torch.long), regs]).sort().values
 
@@ -76,11 +83,31 @@ class HiPrune(VisionScores, PreLLMSelection):
 
     def select(self, x, image, index, session):
         n = x.shape[0]
-        crops = self.crops_of(n, image)
         k_total = self.image_budget(n)
+        if self._grid.packed:
+            return self._select_packed(image, k_total)
+        crops = self.crops_of(n, image)
         out, off = [], 0
         for c, (i, width) in enumerate(crops):
             k = k_total // len(crops) + (1 if c < k_total % len(crops) else 0)
             out.append(hiprune_select(self._obj_scores[i], self._deep_scores[i], width, k, self.alpha) + off)
             off += self._scores_len[i]
         return torch.cat(out)
+
+    def _select_packed(self, image, k_total: int) -> torch.Tensor:
+        """LLaVA-NeXT / OneVision: per crop (base view, high-res crops), over the patches that have a token; the
+        budget is split over crops in proportion to their tokens; newline tokens are dropped."""
+        ids, crop, patch = self.packed_crops(image)
+        counts = [int((crop == c).sum()) for c in range(len(ids))]
+        rows = []
+        for c, (gi, k) in enumerate(zip(ids, split_budget(k_total, counts))):
+            obj, deep = self._obj_scores[gi], self._deep_scores[gi]
+            mine = torch.nonzero(crop == c).flatten()
+            allowed = torch.zeros(obj.numel(), dtype=torch.bool)
+            allowed[patch[mine]] = True
+            width = int(round(obj.numel() ** 0.5))
+            keep = hiprune_select(obj, deep, width, k, self.alpha, allowed)
+            row_of = torch.full((obj.numel(),), -1, dtype=torch.long)
+            row_of[patch[mine]] = mine
+            rows.append(row_of[keep])
+        return torch.cat(rows).sort().values if rows else torch.zeros(0, dtype=torch.long)

@@ -69,6 +69,9 @@ class VisionScores:
                 if self._grid.merge:
                     out.append(s.view(-1, self._grid.merge).mean(1))
                     continue
+                if self._grid.packed:  # per patch; the adapter's crop map places patches on tokens
+                    out.append(s)
+                    continue
                 n = s.numel()
                 side = int(round(n**0.5))
                 if side * side != n:
@@ -78,6 +81,14 @@ class VisionScores:
                     s = torch.nn.functional.avg_pool2d(s.view(1, 1, side, side), p).flatten()
                 out.append(s)
         return out
+
+    def packed_crops(self, image) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Packed grids (LLaVA-NeXT / OneVision): consume this image's crops; (their indices, crop [n] local to the
+        image, patch [n]) per token, -1 for newline tokens."""
+        n_crops, crop, patch = self.session.adapter.crop_token_map(image)
+        ids = list(range(self._crop, self._crop + n_crops))
+        self._crop += n_crops
+        return ids, crop, patch
 
     def crops_of(self, n_rows: int, image) -> list[tuple[int, int]]:
         """Consume this image's crops: [(crop index, grid width)] covering its n_rows feature rows."""
