@@ -202,13 +202,17 @@ def test_visionzip_matches_reference_end_to_end():
 
 
 @pytest.mark.parametrize("meth,fam,kw", [("hiprune", "llava", dict(object_layer=1)), ("hiprune", "idefics3", dict(object_layer=1)),
-                                         ("visionzip", "llava", {})])
+                                         ("visionzip", "llava", {}), ("hiprune", "llava_onevision", dict(object_layer=1)),
+                                         ("visionzip", "llava_next", {}), ("flowcut", "llava_next", {}),
+                                         ("flowcut", "llava_onevision", dict(decay=0.5))])
 def test_identity_and_padded_batch(meth, fam, kw):
     model = tiny(fam)
     batch = make_batch(fam, model, (2, 1, 0))
     with torch.no_grad():
         ref = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
     with vlmplug.apply(model, meth, keep_ratio=1.0, **kw), torch.no_grad():
+        assert torch.equal(model.generate(**batch.inputs, max_new_tokens=4, do_sample=False), ref)
+    with vlmplug.apply(model, meth, keep_tokens=10**6, **kw), torch.no_grad():
         assert torch.equal(model.generate(**batch.inputs, max_new_tokens=4, do_sample=False), ref)
     with vlmplug.apply(model, meth, keep_tokens=5, **kw), torch.no_grad():
         gt = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
@@ -391,3 +395,57 @@ def test_hiprune_packed_matches_reference(fam):
         model.set_attn_implementation({"text_config": "sdpa"})
     assert (out - ref_out).abs().max() <= 1e-5
     assert torch.equal(g.sequences, gr.sequences)
+
+
+def test_visionzip_llava_next_matches_reference():
+    """Per crop over the patches that have a token; merged rows enter the projector; newline tokens dropped."""
+    from vlmplug.adapters import get_adapter
+
+    fam = "llava_next"
+    model = tiny(fam)
+    ad = get_adapter(model)
+    grid = ad.vision_grid()
+    batch = make_batch(fam, model, (1, 2))
+    maps, keys, proj_in = _vision_capture(model, batch.inputs)
+    cls = torch.stack([a[:, 0, 1:].sum(0) for a in maps[grid.feature_layer]])
+    ks = keys[grid.feature_layer][:, 1:]
+    hidden = proj_in[0]
+    ratio, share = 0.4, 5.4 / 6.4
+    with vlmplug.apply(model, "visionzip", keep_ratio=ratio) as h, torch.no_grad():
+        g = model.generate(**batch.inputs, **GEN)
+        lay = h.layout
+        alive = [_alive(h, b) for b in range(2)]
+    merged = hidden.clone()
+    dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
+    c0 = 0
+    for b, s in enumerate(lay.samples):
+        for im in s.images:
+            n_crops, crop, patch = ad.crop_token_map(im)
+            counts = [int((crop == c).sum()) for c in range(n_crops)]
+            sel = []
+            for c, k in enumerate(_split(int(round(im.positions.numel() * ratio)), counts)):
+                allowed = sorted(int(p) for p in patch[crop == c])
+                sub = torch.tensor(allowed)
+                keep_local, hsub = _visionzip_ref(cls[c0 + c][sub], ks[c0 + c][sub], hidden[c0 + c][sub], k, share) \
+                    if k < len(allowed) else (list(range(len(allowed))), hidden[c0 + c][sub].double())
+                merged[c0 + c][sub] = hsub.to(hidden.dtype)
+                kept = {allowed[i] for i in keep_local}
+                sel += [r for r in torch.nonzero(crop == c).flatten().tolist() if int(patch[r]) in kept]
+            c0 += n_crops
+            got = sorted(torch.nonzero(torch.isin(im.positions, alive[b])).flatten().tolist())
+            assert got == sorted(sel)
+            mask = torch.ones(im.positions.numel(), dtype=torch.bool)
+            mask[sel] = False
+            dropped[b, im.positions[mask]] = True
+    hook = model.base_model.multi_modal_projector.register_forward_pre_hook(lambda m, a: (merged,))
+    register_reference("refvzn", masked_eager_attention(drop_from_layer=0, dropped=dropped))
+    model.set_attn_implementation({"text_config": "refvzn"})
+    try:
+        with torch.no_grad():
+            gr = model.generate(**batch.inputs, **GEN)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+        hook.remove()
+    assert torch.equal(g.sequences, gr.sequences)
+    for a, b_ in zip(g.logits, gr.logits):
+        assert (a - b_).abs().max() <= 1e-4

@@ -71,6 +71,9 @@ class TrainConfig:
     # and asked colours are both in this set is drawn this many times more often
     confusable: tuple[str, ...] = ()
     confusable_weight: float = 4.0
+    # a third head of the key layer whose answer-position attention is supervised onto the colour word alone (for
+    # questions that name a colour), so the asked colour reaches the answer position undiluted by the shape word
+    color_head: int | None = None
     model_sizes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,11 +136,14 @@ class Encoder:
         """Token ids, labels (answers + their eos only), per question the position whose logits give the answer, and
         per question the positions of its key words (shape, plural, colour)."""
         ids, labels, query_pos, key_pos = [], [], [], []
+        self.last_color_pos = []
         for t, q in enumerate(questions):
             head = self.prompt_ids(q.text) if t == 0 else self.user + self.q_ids(q.text) + self.assistant
             ans = self.q_ids(q.answer) + [self.eos]
             keys = set(self.q_ids(q.shape) + self.q_ids(S.PLURALS[q.shape]) + (self.q_ids(q.color) if q.color else []))
             key_pos.append([len(ids) + i for i, tid in enumerate(head) if tid in keys])
+            cids = set(self.q_ids(q.color)) if q.color else set()
+            self.last_color_pos.append([len(ids) + i for i, tid in enumerate(head) if tid in cids])
             ids += head
             query_pos.append(len(ids) - 1)
             ids += ans
@@ -194,6 +200,7 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
     images, seqs, labs, aux = [], [], [], []
     sup_b, sup_pos, sup_t = [], [], []
     key_b, key_q, key_k = [], [], []  # (sample, query position, key-word position) triples
+    col_b, col_q, col_k = [], [], []  # (sample, query position, colour-word position) triples
     while len(images) < cfg.batch_size:
         opts = curriculum(progress, rng)
         scene = S.random_scene(rng, kinds=(), **opts)
@@ -213,6 +220,11 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
         if not qs:
             continue
         ids, lab, qpos, kpos = enc.conversation(qs)
+        for pos, cols in zip(qpos, enc.last_color_pos):
+            for k in cols:
+                col_b.append(len(images))
+                col_q.append(pos)
+                col_k.append(k)
         targets, counts = enc.aux_targets(scene)
         for pos, keys in zip(qpos, kpos):
             for k in keys:
@@ -252,6 +264,9 @@ def make_batch(enc: Encoder, rng: random.Random, progress: float, cfg: TrainConf
         torch.tensor(key_b, dtype=torch.long),
         torch.tensor(key_q, dtype=torch.long),
         torch.tensor(key_k, dtype=torch.long),
+        torch.tensor(col_b, dtype=torch.long),
+        torch.tensor(col_q, dtype=torch.long),
+        torch.tensor(col_k, dtype=torch.long),
     )
     return dict(input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, labels=labels), aux_t, sup
 
@@ -512,6 +527,10 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
                                 att[kb, :, kq, kk], accumulate=True)
                 sel = mass[kb, :, kq]  # (n, h): total mass on key words, one row per key (duplicates fine)
                 terms.append(-torch.log(sel.clamp_min(1e-6)).mean())
+            cb, cq, ck = sup[6], sup[7], sup[8]
+            if cfg.color_head is not None and len(cb):
+                att = outputs.attentions[cfg.key_layer][cb, cfg.color_head, cq, ck]  # one colour word per question
+                terms.append(-torch.log(att.clamp_min(1e-6)).mean())
             attn_loss = torch.stack(terms).mean()
             loss = loss + cfg.attn_weight * attn_loss
         opt.zero_grad(set_to_none=True)
@@ -608,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="chance per image of an extra existence question whose shape is here in another colour")
     p.add_argument("--confusable", default="", help="comma-separated colours drawn more often as hard negatives")
     p.add_argument("--confusable-weight", type=float, default=TrainConfig.confusable_weight)
+    p.add_argument("--color-head", type=int, default=None, help="key-layer head supervised onto the colour word")
     p.add_argument("--eval-per-kind", type=int, default=TrainConfig.eval_per_kind)
     p.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
@@ -620,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=a.threads, eval_every=a.eval_every, minutes=a.minutes, init_from=a.init_from,
         aux_weight=a.aux_weight, warmup=a.warmup, projector_lr=a.projector_lr, exists_targets=a.exists_targets,
         hard_exists=a.hard_exists, eval_per_kind=a.eval_per_kind, confusable_weight=a.confusable_weight,
-        confusable=tuple(c for c in a.confusable.split(",") if c),
+        confusable=tuple(c for c in a.confusable.split(",") if c), color_head=a.color_head,
         **({"kind_weights": tuple(float(x) for x in a.kind_weights.split(","))} if a.kind_weights else {}),
     )
     print(json.dumps(dict(seconds=metrics["seconds"], steps=metrics["steps"], best=metrics["best"]), indent=2))

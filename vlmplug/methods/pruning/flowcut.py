@@ -29,7 +29,7 @@ from ...backend.kernels import expand_kv
 from ...backend.plan import LayerPlan
 from ...registry import register_method
 from ..base import check_range
-from .common import budget, split_budget
+from .common import budget
 from .vision_common import PreLLMSelection
 from .vision_scores import VisionScores
 
@@ -92,9 +92,7 @@ class FlowCut(VisionScores, PreLLMSelection):
         PreLLMSelection.check(self, adapter)
         self._setup_vision(adapter, {})
         self._F = self._grid.feature_layer % self._grid.num_layers
-        if self._grid.packed:
-            v = adapter.config.vision_config
-            self._grid_patches = (int(v.image_size) // int(v.patch_size)) ** 2
+
         self._calls_seen: dict[int, int] = {}
         self._state: list[_Call] = []
 
@@ -108,19 +106,6 @@ class FlowCut(VisionScores, PreLLMSelection):
         self._vision_tokens: dict[int, int] = {}
         self._plans = None
 
-    def _packed_plans(self) -> list:
-        """Per crop of this image-feature call, in order: (target, patches that have a token). An image's budget
-        is split over its crops in proportion to their tokens."""
-        plans = []
-        for n_crops, crop, patch in self.session.adapter.crop_maps(self.session.pending_meta):
-            counts = [int((crop == c).sum()) for c in range(n_crops)]
-            P = self._grid_patches
-            for c, k in enumerate(split_budget(budget(len(crop), self.keep_ratio, self.keep_tokens), counts)):
-                allowed = torch.zeros(P, dtype=torch.bool)
-                allowed[patch[crop == c]] = True
-                plans.append((k, allowed))
-        return plans
-
     def vision_plan(self, ctx):
         li = ctx.layer_idx
         if li > self._F or self._keeps_all:
@@ -131,7 +116,7 @@ class FlowCut(VisionScores, PreLLMSelection):
             plans = None
             if self._grid.packed:
                 if self._plans is None:
-                    self._plans = self._packed_plans()
+                    self._plans = self.packed_plans()
                 plans, self._plans = self._plans[: ctx.batch], self._plans[ctx.batch :]
             self._state.append(_Call(ctx.batch, ctx.q_len, self._grid, self.keep_ratio, self.keep_tokens, ctx.device, plans))
         st = self._state[c]
@@ -201,6 +186,8 @@ class FlowCut(VisionScores, PreLLMSelection):
             return torch.arange(n)
         if self._grid.packed:  # token rows of the surviving patches (newline tokens are dropped)
             ids, crop, patch = self.packed_crops(image)
+            if self.image_budget(n) >= n:
+                return torch.arange(n)  # the whole budget: newline tokens stay too
             has = crop >= 0
             alive, cum = torch.zeros(n, dtype=torch.bool), torch.full((n,), float("-inf"), dtype=torch.float64)
             alive[has] = torch.stack([self._crop_alive[ids[c]][p] for c, p in zip(crop[has].tolist(), patch[has].tolist())])

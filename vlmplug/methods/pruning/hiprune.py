@@ -98,6 +98,8 @@ class HiPrune(VisionScores, PreLLMSelection):
         """LLaVA-NeXT / OneVision: per crop (base view, high-res crops), over the patches that have a token; the
         budget is split over crops in proportion to their tokens; newline tokens are dropped."""
         ids, crop, patch = self.packed_crops(image)
+        if k_total >= len(crop):
+            return torch.arange(len(crop))  # the whole budget: newline tokens stay too
         counts = [int((crop == c).sum()) for c in range(len(ids))]
         rows = []
         for c, (gi, k) in enumerate(zip(ids, split_budget(k_total, counts))):

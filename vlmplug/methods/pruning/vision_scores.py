@@ -90,6 +90,25 @@ class VisionScores:
         self._crop += n_crops
         return ids, crop, patch
 
+    def packed_plans(self) -> list[tuple[int, torch.Tensor]]:
+        """Packed grids, during an image-feature call: per crop in order, (its share of its image's budget, bool
+        [patches] that have a token). An image's budget is split over its crops in proportion to their tokens."""
+        from .common import budget, split_budget
+
+        v = self.session.adapter.config.vision_config
+        P = (int(v.image_size) // int(v.patch_size)) ** 2
+        plans = []
+        for n_crops, crop, patch in self.session.adapter.crop_maps(self.session.pending_meta):
+            if budget(len(crop), self.keep_ratio, self.keep_tokens) >= len(crop):  # everything: nothing to prune
+                plans += [(P, torch.ones(P, dtype=torch.bool))] * n_crops
+                continue
+            counts = [int((crop == c).sum()) for c in range(n_crops)]
+            for c, k in enumerate(split_budget(budget(len(crop), self.keep_ratio, self.keep_tokens), counts)):
+                allowed = torch.zeros(P, dtype=torch.bool)
+                allowed[patch[crop == c]] = True
+                plans.append((k, allowed))
+        return plans
+
     def crops_of(self, n_rows: int, image) -> list[tuple[int, int]]:
         """Consume this image's crops: [(crop index, grid width)] covering its n_rows feature rows."""
         got, rows = [], 0

@@ -1,4 +1,5 @@
-"""VisionZip (Yang et al., CVPR 2025) on LLaVA-style CLIP towers.
+"""VisionZip (Yang et al., CVPR 2025) on LLaVA-style CLIP towers (LLaVA-1.5; LLaVA-NeXT per crop, as the official
+code does, over the patches that survive unpadding, with the image budget split over crops by their tokens).
 
 At the feature layer (LLaVA: -2):
 - dominant tokens: the top patches by CLS attention (summed over heads);
@@ -24,15 +25,19 @@ from .vision_common import PreLLMSelection
 from .vision_scores import VisionScores
 
 
-def visionzip_select(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int, dominant_share: float):
-    """Returns (kept indices, hidden with contextual rows merged). cls_attn [n], keys [n, d], hidden [n, D]."""
+def visionzip_select(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int, dominant_share: float,
+                     allowed: torch.Tensor | None = None):
+    """Returns (kept indices, hidden with contextual rows merged). cls_attn [n], keys [n, d], hidden [n, D].
+    `allowed` (bool [n]): the patches that have an LLM token (LLaVA-NeXT unpads); the others take no part."""
     n = cls_attn.numel()
-    if k >= n:
-        return torch.arange(n), hidden
+    ok = torch.ones(n, dtype=torch.bool) if allowed is None else allowed.cpu()
+    cand = torch.nonzero(ok).flatten()
+    if k >= cand.numel():
+        return cand, hidden
     n_dom = min(k, int(round(k * dominant_share)))
     n_ctx = k - n_dom
-    dom = topk_sorted(cls_attn, n_dom)
-    rest = torch.ones(n, dtype=torch.bool)
+    dom = cand[topk_sorted(cls_attn[cand], n_dom)]
+    rest = ok.clone()
     rest[dom] = False
     rest_idx = torch.nonzero(rest).flatten()
     if n_ctx == 0 or rest_idx.numel() == 0:
@@ -74,7 +79,7 @@ class VisionZip(VisionScores, PreLLMSelection):
         if grid is None or not grid.cls or grid.pool != 1 or proj is None:
             raise MethodConfigError(
                 f"visionzip: needs a CLS vision tower feeding a multi_modal_projector one token per patch "
-                f"(LLaVA-1.5: model_type 'llava'); {adapter.config.model_type!r} is not supported yet"
+                f"(LLaVA-1.5 'llava', LLaVA-NeXT 'llava_next'); {adapter.config.model_type!r} is not supported yet"
             )
         self._setup_vision(adapter, {grid.feature_layer: "cls"})
         self._layer = grid.feature_layer
@@ -101,9 +106,10 @@ class VisionZip(VisionScores, PreLLMSelection):
         keys = torch.cat(self._keys, 0)[:, 1:]
         new = feats.clone()
         self._crop_keep = []
+        plans = self.packed_plans() if self._grid.packed else None
         for c in range(feats.shape[0]):
-            k = self.image_budget(feats.shape[1])
-            keep, h = visionzip_select(cls_attn[c], keys[c], feats[c], k, self.dominant_share)
+            k, allowed = plans[c] if plans is not None else (self.image_budget(feats.shape[1]), None)
+            keep, h = visionzip_select(cls_attn[c], keys[c], feats[c], k, self.dominant_share, allowed)
             new[c] = h
             self._crop_keep.append(keep)
         return (new,) + tuple(args[1:])
@@ -113,6 +119,15 @@ class VisionZip(VisionScores, PreLLMSelection):
         super().on_image_features(rows, images, session)
 
     def select(self, x, image, index, session):
+        if self._grid.packed:  # token rows of the kept patches of every crop of the image
+            ids, crop, patch = self.packed_crops(image)
+            if self.image_budget(len(crop)) >= len(crop):
+                return torch.arange(len(crop))  # the whole budget: newline tokens stay too
+            kept = torch.zeros(len(crop), dtype=torch.bool)
+            for c, gi in enumerate(ids):
+                mine = crop == c
+                kept[mine] = torch.isin(patch[mine], self._crop_keep[gi])
+            return torch.nonzero(kept).flatten()
         keep = self._crop_keep[self._crop]
         self._crop += 1
         return keep
