@@ -1,6 +1,8 @@
 """HiPrune and VisionZip against references written from the papers' rules over eager vision
 attention (captured with an eager attention function on the unpatched model), and end-to-end against
 masked eager attention with the reference's tokens removed."""
+import functools
+
 import pytest
 import torch
 
@@ -146,6 +148,8 @@ def _visionzip_ref(cls_attn, keys, hidden, k, share):
     dom = sorted(sorted(range(n), key=lambda i: (-float(cls_attn[i]), i))[:n_dom])
     rest = [i for i in range(n) if i not in dom]
     n_ctx = k - n_dom
+    if n_ctx == 0:
+        return dom, hidden.double().clone()
     step = max(1, len(rest) // n_ctx)
     targets = [rest[i] for i in range(0, len(rest), step)][:n_ctx]
     others = [i for i in rest if i not in targets]
@@ -224,9 +228,10 @@ def test_identity_and_padded_batch(meth, fam, kw):
 def test_unsupported_families_say_so():
     with pytest.raises(vlmplug.MethodConfigError, match="not implemented for 'qwen2_5_vl'.*supported: \\['gemma3', 'idefics3', 'internvl', 'llava', 'llava_next', 'llava_onevision', 'qwen2_vl', 'qwen3_vl', 'smolvlm'\\]"):
         vlmplug.apply(tiny("qwen2_5_vl"), "hiprune")
-    with pytest.raises(vlmplug.MethodConfigError, match="visionzip.*'gemma3' is not supported"):
-        vlmplug.apply(tiny("gemma3"), "visionzip")
-    assert "_vlmplug_handle" not in vars(tiny("gemma3"))
+    for meth in ("visionzip", "flowcut"):
+        with pytest.raises(vlmplug.MethodConfigError, match=f"{meth}: scoring vision-tower patches is not implemented for 'qwen2_5_vl'"):
+            vlmplug.apply(tiny("qwen2_5_vl"), meth)
+    assert "_vlmplug_handle" not in vars(tiny("qwen2_5_vl"))
 
 
 @pytest.mark.parametrize("fam", HIPRUNE_FAMS + ["llava_next", "llava_onevision"])
@@ -449,3 +454,128 @@ def test_visionzip_llava_next_matches_reference():
     assert torch.equal(g.sequences, gr.sequences)
     for a, b_ in zip(g.logits, gr.logits):
         assert (a - b_).abs().max() <= 1e-4
+
+
+def _pool_rows(x, grid):
+    """[S, d] per patch (CLS first where present) -> [n, d] per LLM token (mean over the token's patches)."""
+    x = x.double()
+    if grid.cls:
+        x = x[1:]
+    if grid.merge:
+        return x.view(-1, grid.merge, x.shape[-1]).mean(1)
+    if grid.packed or grid.pool == 1:
+        return x
+    side = int(round(x.shape[0] ** 0.5))
+    out = torch.zeros(side // grid.pool, side // grid.pool, x.shape[-1], dtype=x.dtype)
+    for r in range(side):
+        for c in range(side):
+            out[r // grid.pool, c // grid.pool] += x[r * side + c] / grid.pool**2
+    return out.reshape(-1, x.shape[-1])
+
+
+@pytest.mark.parametrize("fam", ["gemma3", "idefics3", "qwen2_vl", "qwen3_vl", "internvl", "llava_onevision"])
+def test_visionzip_on_llm_tokens_matches_reference(fam):
+    """Towers without CLS or with pooled tokens: dominant tokens by CLS attention (or mean attention received),
+    contextual merging by keys averaged over each token's patches, applied to the projected features."""
+    from vlmplug.adapters import get_adapter
+
+    model = tiny(fam)
+    ad = get_adapter(model)
+    grid = ad.vision_grid()
+    batch = make_batch(fam, model, (1, 2))
+    maps, _, _ = _vision_capture(model, batch.inputs)
+    keys = []
+    def tap(module, q, k, v, attention_mask=None, scaling=None, dropout=0.0, **kw):
+        if module is feat_mod:
+            keys.extend(list(k.double().mean(1)))
+        a = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * (scaling or q.shape[-1] ** -0.5), -1)
+        return (a @ v.double()).to(q.dtype).transpose(1, 2).contiguous(), None
+    register_reference("refkeys", tap)
+    base = model.base_model
+    orig = base.get_image_features
+    feats = []
+    def capture(*a, **k):
+        out = orig(*a, **k)
+        p = out.pooler_output
+        feats.append(torch.cat([t.reshape(-1, t.shape[-1]) for t in p]) if isinstance(p, (list, tuple)) else p.reshape(-1, p.shape[-1]))
+        return out
+    # keys of the feature layer only: route just that module to the tap
+    feat_mod = ad.vision_attention_modules()[grid.feature_layer]
+    base.get_image_features = capture
+    model.set_attn_implementation({"vision_config": "refkeys"})
+    try:
+        with torch.no_grad():
+            model(**batch.inputs)
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+        base.get_image_features = orig
+    x_all = feats[0].double()
+    crop_maps = maps[grid.feature_layer]
+    scores = [(_pool_rows(a[:, 0, :].sum(0)[:, None], grid) if grid.cls else _pool_rows(a.mean(0).mean(0)[:, None], grid))[:, 0]
+              for a in crop_maps]
+    tok_keys = [_pool_rows(k, grid) for k in keys]
+    ratio, share = 0.5, 5.4 / 6.4
+    with vlmplug.apply(model, "visionzip", keep_ratio=ratio) as h, torch.no_grad():
+        out = model(**batch.inputs).logits[:, -1]
+        lay = h.layout
+        alive = [_alive(h, b) for b in range(2)]
+    merged = x_all.clone()
+    dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
+    row0, c0 = 0, 0
+    for b, s in enumerate(lay.samples):
+        for im in s.images:
+            n = im.positions.numel()
+            k_total = int(round(n * ratio))
+            if grid.packed:
+                n_crops, crop, patch = ad.crop_token_map(im)
+                parts = [(c0 + c, torch.nonzero(crop == c).flatten(), patch[crop == c]) for c in range(n_crops)]
+                budgets = _split(k_total, [len(r) for _, r, _ in parts])
+                c0 += n_crops
+            else:
+                parts, got_rows = [], 0
+                while got_rows < n:
+                    m = scores[c0].numel()
+                    parts.append((c0, torch.arange(got_rows, got_rows + m), torch.arange(m)))
+                    got_rows += m
+                    c0 += 1
+                budgets = [k_total // len(parts) + (1 if i < k_total % len(parts) else 0) for i in range(len(parts))]
+            sel = []
+            for (ci, rows, tok), k in zip(parts, budgets):
+                if k >= len(rows):
+                    sel += rows.tolist()
+                    continue
+                keep, hh = _visionzip_ref(scores[ci][tok], tok_keys[ci][tok], x_all[row0 + rows], k, share)
+                merged[row0 + rows] = hh
+                sel += [int(rows[i]) for i in keep]
+            got = sorted(torch.nonzero(torch.isin(im.positions, alive[b])).flatten().tolist())
+            assert got == sorted(sel)
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[sel] = False
+            dropped[b, im.positions[mask]] = True
+            row0 += n
+    assert row0 == x_all.shape[0]
+
+    def inject(*a, **k):
+        o = orig(*a, **k)
+        p = o.pooler_output
+        if isinstance(p, (list, tuple)):
+            out_l, r = [], 0
+            for t in p:
+                m = t.reshape(-1, t.shape[-1]).shape[0]
+                out_l.append(merged[r : r + m].to(t.dtype).reshape(t.shape))
+                r += m
+            o.pooler_output = type(p)(out_l) if isinstance(p, tuple) else out_l
+        else:
+            o.pooler_output = merged.to(p.dtype).reshape(p.shape)
+        return o
+
+    register_reference("refvzp", masked_eager_attention(drop_from_layer=0, dropped=dropped))
+    base.get_image_features = functools.wraps(orig)(inject)
+    model.set_attn_implementation({"text_config": "refvzp"})
+    try:
+        with torch.no_grad():
+            ref_out = model(**batch.inputs).logits[:, -1]
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+        base.get_image_features = orig
+    assert (out - ref_out).abs().max() <= 1e-4

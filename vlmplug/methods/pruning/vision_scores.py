@@ -82,6 +82,20 @@ class VisionScores:
                 out.append(s)
         return out
 
+    def pool_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """One crop's per-patch rows [S, d] (CLS first where the tower has one) -> per LLM token [n, d], averaged over
+        each token's patches (packed grids: per patch, CLS removed)."""
+        x = x.double()
+        if self._grid.cls:
+            x = x[1:]
+        if self._grid.merge:
+            return x.view(-1, self._grid.merge, x.shape[-1]).mean(1)
+        p = self._grid.pool
+        if self._grid.packed or p <= 1:
+            return x
+        side = int(round(x.shape[0] ** 0.5))
+        return torch.nn.functional.avg_pool2d(x.T.reshape(1, -1, side, side), p).reshape(x.shape[-1], -1).T
+
     def packed_crops(self, image) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Packed grids (LLaVA-NeXT / OneVision): consume this image's crops; (their indices, crop [n] local to the
         image, patch [n]) per token, -1 for newline tokens."""

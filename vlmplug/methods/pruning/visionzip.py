@@ -1,5 +1,7 @@
-"""VisionZip (Yang et al., CVPR 2025) on LLaVA-style CLIP towers (LLaVA-1.5; LLaVA-NeXT per crop, as the official
-code does, over the patches that survive unpadding, with the image budget split over crops by their tokens).
+"""VisionZip (Yang et al., CVPR 2025). On LLaVA-style CLIP towers (LLaVA-1.5; LLaVA-NeXT per crop, as the official
+code does, over the patches that survive unpadding, with the image budget split over crops by their tokens) it works
+where the paper does, on the feature-layer hidden states before the projector. Other mapped towers (SigLIP, Qwen
+ViT, InternViT, pooled or merged tokens) get the same rules on LLM tokens after the projector (`_select_post`).
 
 At the feature layer (LLaVA: -2):
 - dominant tokens: the top patches by CLS attention (summed over heads);
@@ -20,7 +22,7 @@ import torch
 from ...errors import MethodConfigError
 from ...registry import register_method
 from ..base import check_range
-from .common import topk_sorted
+from .common import split_budget, topk_sorted
 from .vision_common import PreLLMSelection
 from .vision_scores import VisionScores
 
@@ -74,13 +76,11 @@ class VisionZip(VisionScores, PreLLMSelection):
 
     def check(self, adapter):
         PreLLMSelection.check(self, adapter)
-        grid = adapter.vision_grid()
+        self._setup_vision(adapter, {})  # raises, naming the supported families, where patches are not mapped
+        grid = self._grid
         proj = getattr(adapter.base_model, "multi_modal_projector", None)
-        if grid is None or not grid.cls or grid.pool != 1 or proj is None:
-            raise MethodConfigError(
-                f"visionzip: needs a CLS vision tower feeding a multi_modal_projector one token per patch "
-                f"(LLaVA-1.5 'llava', LLaVA-NeXT 'llava_next'); {adapter.config.model_type!r} is not supported yet"
-            )
+        # The official place: CLS towers whose projector takes one feature-layer hidden state per token.
+        self._pre = bool(grid.cls and grid.pool == 1 and not grid.merge and proj is not None)
         self._setup_vision(adapter, {grid.feature_layer: "cls"})
         self._layer = grid.feature_layer
         self._attn = adapter.vision_attention_modules()[grid.feature_layer]
@@ -88,12 +88,19 @@ class VisionZip(VisionScores, PreLLMSelection):
 
     def attach(self, session):
         super().attach(session)
-        session.add_hook(self._attn.k_proj.register_forward_hook(self._keys_hook))
-        session.add_hook(self._proj.register_forward_pre_hook(self._merge_hook))
+        if self._pre:
+            session.add_hook(self._attn.k_proj.register_forward_hook(self._keys_hook))
+            session.add_hook(self._proj.register_forward_pre_hook(self._merge_hook))
 
     def begin_vision(self):
         super().begin_vision()
         self._keys = []
+
+    def vision_plan(self, ctx):
+        plan = super().vision_plan(ctx)
+        if plan is not None and not self._pre:  # keys (mean over heads) of the feature layer, from the call itself
+            plan.taps.append(lambda q, k, v, mask, scale: self._keys.append(k.mean(1).detach().float().cpu()))
+        return plan
 
     def _keys_hook(self, module, args, output):
         heads = int(self._attn.num_heads if hasattr(self._attn, "num_heads") else self._attn.config.num_attention_heads)
@@ -116,9 +123,15 @@ class VisionZip(VisionScores, PreLLMSelection):
 
     def on_image_features(self, rows, images, session):
         self._crop = 0
+        if not self._pre:
+            self._scores = self.token_scores(self._layer)
+            self._tok_keys = [self.pool_patches(k) for call in self._keys for k in call]
+            self._scores_len = [int(t.numel()) for t in self._scores]
         super().on_image_features(rows, images, session)
 
     def select(self, x, image, index, session):
+        if not self._pre:
+            return self._select_post(x, image)
         if self._grid.packed:  # token rows of the kept patches of every crop of the image
             ids, crop, patch = self.packed_crops(image)
             if self.image_budget(len(crop)) >= len(crop):
@@ -131,3 +144,30 @@ class VisionZip(VisionScores, PreLLMSelection):
         keep = self._crop_keep[self._crop]
         self._crop += 1
         return keep
+
+    def _select_post(self, x, image) -> torch.Tensor:
+        """Towers without a CLS token or with several patches per LLM token: the same rules on LLM tokens (scores
+        and keys averaged over each token's patches; CLS attention, or without CLS the mean attention a token
+        receives, as EffiVLM-Bench's port does), merging the projected features of the image in place."""
+        n = x.shape[0]
+        k_total = self.image_budget(n)
+        if self._grid.packed:
+            ids, crop, patch = self.packed_crops(image)
+            if k_total >= n:
+                return torch.arange(n)
+            parts = [(gi, torch.nonzero(crop == c).flatten(), patch[crop == c]) for c, gi in enumerate(ids)]
+            budgets = split_budget(k_total, [len(r) for _, r, _ in parts])
+        else:
+            crops = self.crops_of(n, image)
+            parts, off = [], 0
+            for i, _ in crops:
+                m = self._scores_len[i]
+                parts.append((i, torch.arange(off, off + m), torch.arange(m)))
+                off += m
+            budgets = [k_total // len(crops) + (1 if c < k_total % len(crops) else 0) for c in range(len(crops))]
+        kept = []
+        for (gi, rows, tok), k in zip(parts, budgets):
+            keep, h = visionzip_select(self._scores[gi][tok], self._tok_keys[gi][tok], x[rows], k, self.dominant_share)
+            x[rows] = h.to(x.dtype)  # in place: these rows are what the model scatters into the prompt
+            kept.append(rows[keep])
+        return torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long)
