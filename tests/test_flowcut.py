@@ -275,7 +275,7 @@ def test_identity_padded_batch_and_errors():
         for b in range(3):
             ga = model.generate(**split_batch(batch, b).inputs, max_new_tokens=4, do_sample=False)
             assert torch.equal(ga[0, -4:], gt[b, -4:])
-    with pytest.raises(vlmplug.MethodConfigError, match="flowcut.*not implemented for 'qwen2_5_vl'"):
+    with pytest.raises(vlmplug.MethodConfigError, match="flowcut: 'qwen2_5_vl' attends within windows"):
         vlmplug.apply(tiny("qwen2_5_vl"), "flowcut")
     with pytest.raises(vlmplug.MethodConfigError, match="flowcut: decay"):
         vlmplug.apply(model, "flowcut", decay=2.0)

@@ -9,10 +9,10 @@ import torch
 import vlmplug
 from conftest import tiny
 from reference import eager_softmax, masked_eager_attention, register_reference
-from vlmplug.testing.tiny import make_batch, split_batch
+from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-HIPRUNE_FAMS = ["llava", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen3_vl", "internvl"]
+HIPRUNE_FAMS = ["llava", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"]
 
 
 def _vision_capture(model, inputs):
@@ -47,8 +47,33 @@ def _vision_capture(model, inputs):
     return per_crop, [torch.cat(keys[id(m)]) if len({k.shape for k in keys[id(m)]}) == 1 else None for m in mods], proj_in
 
 
-def _token_scores(crops, grid):
-    """Column mean over queries and heads, CLS column removed, pooled onto LLM tokens, per crop."""
+def _window_order(model, batch):
+    """Qwen2.5-VL: the tower's group permutation (window order -> token-order group) and the groups per image."""
+    from transformers.vision_utils import get_vision_window_index
+
+    v = model.config.vision_config
+    thw = batch.inputs["image_grid_thw"]
+    order, _ = get_vision_window_index(thw, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                                       patch_size=v.patch_size)
+    m = v.spatial_merge_size**2
+    return order.long(), [int(t * h * w) // m for t, h, w in thw.tolist()]
+
+
+def _unwindow(rows, grid, windowing):
+    """rows [patches, d] in window order (all calls of a layer) -> per image [tokens, d] in token order."""
+    order, sizes = windowing
+    win = rows.double().view(-1, grid.merge, rows.shape[-1]).mean(1)
+    out = torch.empty_like(win)
+    for i, o in enumerate(order.tolist()):
+        out[o] = win[i]
+    return list(out.split(sizes))
+
+
+def _token_scores(crops, grid, windowing=None):
+    """Column mean over queries and heads, CLS column removed, pooled onto LLM tokens, per crop (windowed towers:
+    per image, from every window's call)."""
+    if grid.windowed:
+        return [t[:, 0] for t in _unwindow(torch.cat([a.double().mean(0).mean(0) for a in crops])[:, None], grid, windowing)]
     out = []
     for a in crops:
         s = a.double().mean(0).mean(0)
@@ -94,8 +119,9 @@ def test_hiprune_matches_reference(fam):
 
     grid = get_adapter(model).vision_grid()
     maps, _, _ = _vision_capture(model, batch.inputs)
-    obj = _token_scores(maps[0], grid)
-    deep = _token_scores(maps[grid.feature_layer], grid)
+    win = _window_order(model, batch) if grid.windowed else None
+    obj = _token_scores(maps[0], grid, win)
+    deep = _token_scores(maps[grid.feature_layer], grid, win)
     ratio, alpha = 0.5, 0.4
     with vlmplug.apply(model, "hiprune", keep_ratio=ratio, object_layer=1, alpha=alpha) as h, torch.no_grad():
         out = model(**batch.inputs).logits[:, -1]
@@ -226,12 +252,17 @@ def test_identity_and_padded_batch(meth, fam, kw):
 
 
 def test_unsupported_families_say_so():
-    with pytest.raises(vlmplug.MethodConfigError, match="not implemented for 'qwen2_5_vl'.*supported: \\['gemma3', 'idefics3', 'internvl', 'llava', 'llava_next', 'llava_onevision', 'qwen2_vl', 'qwen3_vl', 'smolvlm'\\]"):
-        vlmplug.apply(tiny("qwen2_5_vl"), "hiprune")
-    for meth in ("visionzip", "flowcut"):
-        with pytest.raises(vlmplug.MethodConfigError, match=f"{meth}: scoring vision-tower patches is not implemented for 'qwen2_5_vl'"):
-            vlmplug.apply(tiny("qwen2_5_vl"), meth)
+    """Every mapped tower takes hiprune / visionzip; flowcut refuses Qwen2.5-VL's windowed tower; a LLaVA whose
+    features concatenate several layers has no single feature layer to map (nothing is patched on refusal)."""
+    with pytest.raises(vlmplug.MethodConfigError, match="flowcut: 'qwen2_5_vl' attends within windows"):
+        vlmplug.apply(tiny("qwen2_5_vl"), "flowcut")
     assert "_vlmplug_handle" not in vars(tiny("qwen2_5_vl"))
+    model = build_tiny_model("llava")
+    model.config.vision_feature_layer = [-2, -1]
+    for meth in ("hiprune", "visionzip", "flowcut"):
+        with pytest.raises(vlmplug.MethodConfigError, match=f"{meth}: scoring vision-tower patches is not implemented for 'llava'"):
+            vlmplug.apply(model, meth)
+    assert "_vlmplug_handle" not in vars(model)
 
 
 @pytest.mark.parametrize("fam", HIPRUNE_FAMS + ["llava_next", "llava_onevision"])
@@ -297,6 +328,13 @@ def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
                         expected.append(lambda j, c=c, crop=crop, patch=patch, row0=row0:
                                         [row0 + int(r) for r in torch.nonzero((crop == c) & (patch == j)).flatten()])
                     row0 += crop.numel()
+            elif grid.windowed:  # calls hold patches in window order: global group (p0 + j) // m, then un-permute
+                order, _ = _window_order(model, batch)
+                p0 = 0
+                for ci, b, S in crops:
+                    expected.append(lambda j, p0=p0: [int(order[(p0 + j) // grid.merge])])
+                    p0 += S
+                row0 = p0 // grid.merge
             else:
                 row0 = 0
                 for ci, b, S in crops:
@@ -473,7 +511,7 @@ def _pool_rows(x, grid):
     return out.reshape(-1, x.shape[-1])
 
 
-@pytest.mark.parametrize("fam", ["gemma3", "idefics3", "qwen2_vl", "qwen3_vl", "internvl", "llava_onevision"])
+@pytest.mark.parametrize("fam", ["gemma3", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision"])
 def test_visionzip_on_llm_tokens_matches_reference(fam):
     """Towers without CLS or with pooled tokens: dominant tokens by CLS attention (or mean attention received),
     contextual merging by keys averaged over each token's patches, applied to the projected features."""
@@ -511,9 +549,14 @@ def test_visionzip_on_llm_tokens_matches_reference(fam):
         base.get_image_features = orig
     x_all = feats[0].double()
     crop_maps = maps[grid.feature_layer]
-    scores = [(_pool_rows(a[:, 0, :].sum(0)[:, None], grid) if grid.cls else _pool_rows(a.mean(0).mean(0)[:, None], grid))[:, 0]
-              for a in crop_maps]
-    tok_keys = [_pool_rows(k, grid) for k in keys]
+    if grid.windowed:
+        win = _window_order(model, batch)
+        scores = _token_scores(crop_maps, grid, win)
+        tok_keys = _unwindow(torch.cat(keys), grid, win)
+    else:
+        scores = [(_pool_rows(a[:, 0, :].sum(0)[:, None], grid) if grid.cls else _pool_rows(a.mean(0).mean(0)[:, None], grid))[:, 0]
+                  for a in crop_maps]
+        tok_keys = [_pool_rows(k, grid) for k in keys]
     ratio, share = 0.5, 5.4 / 6.4
     with vlmplug.apply(model, "visionzip", keep_ratio=ratio) as h, torch.no_grad():
         out = model(**batch.inputs).logits[:, -1]

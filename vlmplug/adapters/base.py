@@ -34,6 +34,9 @@ class VisionGrid:
     #: True: an image's tokens are not its crops one after another (LLaVA-NeXT / OneVision unpad, pool and add
     #: newline tokens); `Adapter.crop_token_map(image)` then says which crop patch each token shows
     packed: bool = False
+    #: True: the tower reorders merge groups into attention windows (Qwen2.5-VL) and runs windowed layers one call
+    #: per window; `Adapter.window_order(meta)` gives, per window-order group, its group in token order
+    windowed: bool = False
 
 
 @dataclass
@@ -144,6 +147,11 @@ class Adapter(ABC):
         """For a `packed` grid: (number of crops of the image, crop index [n], patch index [n]) for the image's n
         tokens in order; -1 for tokens that show no patch (newline tokens)."""
         raise NotImplementedError(f"{type(self).__name__} has no packed vision grid")
+
+    def window_order(self, meta) -> "torch.Tensor":
+        """For a `windowed` grid: long [groups] of an image-feature call, the token-order group held at each
+        window-order position (the tower's own permutation)."""
+        raise NotImplementedError(f"{type(self).__name__} has no windowed vision grid")
 
     def crop_maps(self, meta) -> "list[tuple[int, torch.Tensor, torch.Tensor]]":
         """`crop_token_map` of every image of an image-feature call, from its captured arguments (`ImageMeta`)."""

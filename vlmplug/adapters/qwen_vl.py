@@ -5,6 +5,8 @@ processed frame is (w*patch, h*patch) pixels and maps to the original by scaling
 """
 from __future__ import annotations
 
+import torch
+
 from ..errors import LayoutError
 from ..layout import ImageLayout, View, grid_boxes
 from ..registry import register_adapter
@@ -14,7 +16,7 @@ from .base import Adapter
 @register_adapter("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 class QwenVLAdapter(Adapter):
     meta_keys = ("image_grid_thw",)
-    no_vision_grid = ("qwen2_5_vl",)  # windowed attention reorders patches inside the tower: not mapped yet
+    no_vision_grid = ()
 
     def __init__(self, model, processor=None):
         super().__init__(model, processor)
@@ -53,8 +55,19 @@ class QwenVLAdapter(Adapter):
     def vision_grid(self):
         from .base import VisionGrid
 
-        if self.config.model_type in self.no_vision_grid:
-            return None  # windowed attention reorders patches inside the tower: not mapped yet
         v = self.config.vision_config
         n = int(v.depth)
-        return VisionGrid(cls=False, pool=1, feature_layer=n - 1, num_layers=n, merge=int(v.spatial_merge_size) ** 2)
+        windowed = self.config.model_type == "qwen2_5_vl"
+        return VisionGrid(cls=False, pool=1, feature_layer=n - 1, num_layers=n, merge=int(v.spatial_merge_size) ** 2,
+                          windowed=windowed)
+
+    def window_order(self, meta):
+        from transformers.vision_utils import get_vision_window_index
+
+        thw = meta.get("image_grid_thw") if meta is not None else None
+        if thw is None:
+            raise LayoutError("image_grid_thw of this forward is unknown (no image-feature call was seen)")
+        v = self.config.vision_config
+        index, _ = get_vision_window_index(torch.as_tensor(thw), spatial_merge_size=int(v.spatial_merge_size),
+                                           window_size=int(v.window_size), patch_size=int(v.patch_size))
+        return index.long().cpu()

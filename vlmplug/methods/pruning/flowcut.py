@@ -27,6 +27,7 @@ import torch
 
 from ...backend.kernels import expand_kv
 from ...backend.plan import LayerPlan
+from ...errors import MethodConfigError
 from ...registry import register_method
 from ..base import check_range
 from .common import budget
@@ -91,6 +92,11 @@ class FlowCut(VisionScores, PreLLMSelection):
     def check(self, adapter):
         PreLLMSelection.check(self, adapter)
         self._setup_vision(adapter, {})
+        if self._grid.windowed:
+            raise MethodConfigError(
+                f"flowcut: {adapter.config.model_type!r} attends within windows in most vision layers, where no "
+                "CLS or image-wide global token exists to score the flow; not supported"
+            )
         self._F = self._grid.feature_layer % self._grid.num_layers
 
         self._calls_seen: dict[int, int] = {}

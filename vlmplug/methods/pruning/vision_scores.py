@@ -46,6 +46,20 @@ class VisionScores:
 
     def begin_vision(self) -> None:
         self._vis = {}
+        self._vision_meta = getattr(getattr(self, "session", None), "pending_meta", None)
+
+    def unwindow(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Windowed towers (Qwen2.5-VL): rows [patches, d] of all of a layer's calls, in the tower's window order ->
+        per image, [tokens, d] in token order (each token the mean of its merge group)."""
+        m = self._grid.merge
+        win = rows.double().view(-1, m, rows.shape[-1]).mean(1)
+        order = self.session.adapter.window_order(self._vision_meta)
+        if order.numel() != win.shape[0]:
+            raise MethodConfigError(f"{self.name}: {win.shape[0]} merge groups for a window order of {order.numel()}")
+        out = torch.empty_like(win)
+        out[order] = win
+        thw = torch.as_tensor(self._vision_meta.get("image_grid_thw"))
+        return list(out.split([int(t * h * w) // m for t, h, w in thw.tolist()]))
 
     def vision_plan(self, ctx):
         mode = self._vision_layers.get(ctx.layer_idx)
@@ -61,6 +75,8 @@ class VisionScores:
 
     def token_scores(self, layer: int) -> list[torch.Tensor]:
         """Per crop of the last image batch, in token order: a 1-D tensor of scores per LLM token."""
+        if self._grid.windowed:
+            return [t[:, 0] for t in self.unwindow(torch.cat([b.reshape(-1) for b in self._vis[layer]])[:, None])]
         out = []
         for block in self._vis[layer]:  # one probe call: [crops in the call, S]
             for s in block.double():

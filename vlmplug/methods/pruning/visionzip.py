@@ -125,7 +125,10 @@ class VisionZip(VisionScores, PreLLMSelection):
         self._crop = 0
         if not self._pre:
             self._scores = self.token_scores(self._layer)
-            self._tok_keys = [self.pool_patches(k) for call in self._keys for k in call]
+            if self._grid.windowed:
+                self._tok_keys = self.unwindow(torch.cat([k for call in self._keys for k in call]))
+            else:
+                self._tok_keys = [self.pool_patches(k) for call in self._keys for k in call]
             self._scores_len = [int(t.numel()) for t in self._scores]
         super().on_image_features(rows, images, session)
 
