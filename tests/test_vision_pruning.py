@@ -622,3 +622,17 @@ def test_visionzip_on_llm_tokens_matches_reference(fam):
         model.set_attn_implementation({"text_config": "sdpa"})
         base.get_image_features = orig
     assert (out - ref_out).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava_next", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("meth", ["hiprune", "visionzip", "flowcut", "cluster"])
+def test_bf16_generate_keeps_the_budget(fam, meth):
+    model = tiny(fam, torch.bfloat16)
+    batch = make_batch(fam, model, (1, 2))
+    inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in batch.inputs.items()}
+    kw = dict(object_layer=1) if meth == "hiprune" else {}
+    with vlmplug.apply(model, meth, keep_tokens=3, **kw) as h, torch.no_grad():
+        g = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        kept = h.stats[meth]["tokens_kept_per_image"]
+    assert kept == [[3], [3, 3]]
+    assert all(torch.isfinite(l.float()).all() for l in g.logits)
