@@ -66,3 +66,47 @@ def test_no_head_by_l_by_l_tensor_in_attention(fam):
     for methods in (["record"], [Edits(bias=2.0, fraction=0.5, head_scale=(1.0, 0.5, 1.0, 2.0))]):
         with vlmplug.apply(model, methods):
             assert _largest(model, batch.inputs) < quadratic / 2, methods
+
+
+class LargestInVision(LargestInAttention):
+    def __init__(self, model):
+        TorchDispatchMode.__init__(self)
+        self.largest, self.inside = 0, 0
+        mods = get_adapter(model).vision_attention_modules()
+        self.hooks = [m.register_forward_pre_hook(lambda *a: self._enter()) for m in mods]
+        self.hooks += [m.register_forward_hook(lambda *a: self._leave()) for m in mods]
+
+
+def test_flowcut_keeps_vision_attention_linear():
+    """FlowCut's taps read one query row and its key masks go into SDPA: no [crops, H, S, S] tensor in the tower
+    (eager vision attention does make one: the check can fail)."""
+    import transformers as tf
+    from vlmplug.testing.tiny import IDS, tiny_config
+
+    cfg = tiny_config("llava")
+    cfg.vision_config.image_size = 32  # 256 patches: S*S dominates every per-token tensor
+    cfg.image_seq_length = 256
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.tensor([[1] + [IDS["image"]] * 256 + [5, 6, 7]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 32, 32))
+    S, H = 257, cfg.vision_config.num_attention_heads
+    quadratic = H * S * S
+
+    def largest(**kw):
+        mode = LargestInVision(model)
+        try:
+            with torch.no_grad(), mode:
+                model(**inputs, **kw)
+        finally:
+            mode.close()
+        return mode.largest
+
+    model.set_attn_implementation({"vision_config": "eager"})
+    try:
+        assert largest() >= quadratic
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+    with vlmplug.apply(model, "flowcut", keep_tokens=32) as h:
+        assert largest() < quadratic / 4
+        assert h.stats["flowcut"]["tokens_kept_per_image"] == [[32]]

@@ -74,6 +74,10 @@ class TrainConfig:
     # a third head of the key layer whose answer-position attention is supervised onto the colour word alone (for
     # questions that name a colour), so the asked colour reaches the answer position undiluted by the shape word
     color_head: int | None = None
+    # with init_from: append this many decoder layers that start as exact identities (zeroed output projections),
+    # extra capacity for the answer (e.g. comparing an asked colour with a retrieved one) without losing what the
+    # trained layers do
+    grow_text_layers: int = 0
     model_sizes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -288,6 +292,43 @@ def hard_negative(scene: S.Scene, rng: random.Random, confusable=(), weight: flo
     return S.exists_question(scene, shape, color)
 
 
+_LOGITS: dict = {}
+
+
+def _train_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention (probabilities returned) that also keeps the attention logits of one decoder layer."""
+    import torch
+    from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
+
+    out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if _LOGITS.get("layer") is not None and getattr(module, "layer_idx", None) == _LOGITS["layer"]:
+        k = repeat_kv(key, module.num_key_value_groups)
+        logits = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            logits = logits + attention_mask[:, :, :, : k.shape[-2]]
+        _LOGITS["logits"] = logits
+    return out, weights
+
+
+def grow_text_layers(model, n: int, seed: int):
+    """The same model with `n` more decoder layers on top whose attention and MLP output projections are zero, so
+    it computes exactly what it did; training then uses them."""
+    import torch
+
+    old = model.config.text_config.num_hidden_layers
+    sizes = dict(text_layers=old + n)
+    new = build_model(seed=seed, **sizes)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    new_layers = tuple(f"layers.{old + i}." for i in range(n))
+    if unexpected or any(not any(t in k for t in new_layers) for k in missing):
+        raise RuntimeError(f"growing the decoder: unexpected {unexpected}, missing {missing}")
+    with torch.no_grad():
+        for layer in new.model.language_model.layers[old:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return new
+
+
 def attention_targets(scene: S.Scene, q: S.Question, exists: str = "match") -> list[int]:
     """Indices of the objects a question is about (where the answer's attention should look); [] if none."""
     if q.kind == "count" or (q.kind == "exists" and exists == "shape"):
@@ -435,12 +476,21 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+        if cfg.grow_text_layers:
+            model = grow_text_layers(model, cfg.grow_text_layers, cfg.seed)
     else:
         model = build_model(seed=cfg.seed, **cfg.model_sizes)
         init_vision_positions(model)
     if cfg.attn_weight:
-        # Attention supervision needs the attention probabilities: eager attention in the decoder while training.
-        model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa", "": "sdpa"})
+        # Attention supervision needs the attention probabilities (eager attention in the decoder while training),
+        # and the colour head its logits: a saturated softmax has no gradient left to move it.
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        AttentionInterface.register("world_train", _train_attention)
+        AttentionMaskInterface.register("world_train", eager_mask)
+        _LOGITS["layer"] = cfg.key_layer if cfg.color_head is not None else None
+        model.set_attn_implementation({"text_config": "world_train", "vision_config": "sdpa", "": "sdpa"})
     model.train()
     hidden = model.config.text_config.hidden_size
     aux_head = torch.nn.Linear(hidden, 1 + len(S.SHAPES) + 1 + len(S.COLORS) + 1 + len(S.SHAPES) + 2 * GRID)
@@ -529,8 +579,8 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
                 terms.append(-torch.log(sel.clamp_min(1e-6)).mean())
             cb, cq, ck = sup[6], sup[7], sup[8]
             if cfg.color_head is not None and len(cb):
-                att = outputs.attentions[cfg.key_layer][cb, cfg.color_head, cq, ck]  # one colour word per question
-                terms.append(-torch.log(att.clamp_min(1e-6)).mean())
+                lg = _LOGITS.pop("logits")[cb, cfg.color_head, cq].float()  # [n, L] (masked keys at -inf)
+                terms.append(torch.nn.functional.cross_entropy(lg, ck))
             attn_loss = torch.stack(terms).mean()
             loss = loss + cfg.attn_weight * attn_loss
         opt.zero_grad(set_to_none=True)
@@ -627,6 +677,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="chance per image of an extra existence question whose shape is here in another colour")
     p.add_argument("--confusable", default="", help="comma-separated colours drawn more often as hard negatives")
     p.add_argument("--confusable-weight", type=float, default=TrainConfig.confusable_weight)
+    p.add_argument("--grow-text-layers", type=int, default=0, help="with --init-from: add identity-initialised layers")
     p.add_argument("--color-head", type=int, default=None, help="key-layer head supervised onto the colour word")
     p.add_argument("--eval-per-kind", type=int, default=TrainConfig.eval_per_kind)
     p.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
@@ -641,6 +692,7 @@ def main(argv: list[str] | None = None) -> None:
         aux_weight=a.aux_weight, warmup=a.warmup, projector_lr=a.projector_lr, exists_targets=a.exists_targets,
         hard_exists=a.hard_exists, eval_per_kind=a.eval_per_kind, confusable_weight=a.confusable_weight,
         confusable=tuple(c for c in a.confusable.split(",") if c), color_head=a.color_head,
+        grow_text_layers=a.grow_text_layers,
         **({"kind_weights": tuple(float(x) for x in a.kind_weights.split(","))} if a.kind_weights else {}),
     )
     print(json.dumps(dict(seconds=metrics["seconds"], steps=metrics["steps"], best=metrics["best"]), indent=2))
