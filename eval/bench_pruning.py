@@ -9,6 +9,7 @@ methods keep layer 0 at full length, where dropped tokens are only masked). The 
 measured again right before each method's sweep, and each ratio uses that baseline.
 
     python eval/bench_pruning.py                                  # CPU: 4 text layers, full 24-layer vision tower
+    python eval/bench_pruning.py --interleave --reps 3 --decode-tokens 4   # steadier ratios on a shared CPU
     python eval/bench_pruning.py --device cuda --dtype bfloat16 --text-layers 32 --vision-layers 24
 """
 from __future__ import annotations
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--interleave", action="store_true",
+                   help="per budget, alternate unpruned and pruned runs --reps times; ratios are medians of the pairs "
+                        "(steadier on a shared machine than one baseline per sweep)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
     tcfg = cfg.text_config
     for method in args.methods:
         # a fresh baseline before each method's sweep: ratios compare runs minutes apart, not an hour
-        base = measure(model, inputs, args, tracker)
+        base = measure(model, inputs, argparse.Namespace(**{**vars(args), "reps": 1}) if args.interleave else args, tracker)
         rows.append({"method": "none", "budget": 576, "before": method, "vision_s": base[0], "llm_prefill_s": base[1],
                      "decode_s": base[2], "kv_bytes": base[3]})
         for k in args.budgets:
@@ -120,9 +124,23 @@ def main(argv=None) -> int:
                 params["object_layer"] = min(9, args.vision_layers)
             if method == "plphp":
                 params["start_layer"] = min(2, args.text_layers - 1)
-            with vlmplug.apply(model, method, **params) as h:
-                r = measure(model, inputs, args, tracker)
-                st = h.stats[method]
+            pairs = []
+            if args.interleave:
+                one = argparse.Namespace(**{**vars(args), "reps": 1})
+                runs = []
+                for _ in range(args.reps):
+                    b = measure(model, inputs, one, tracker)
+                    with vlmplug.apply(model, method, **params) as h:
+                        m = measure(model, inputs, one, tracker)
+                        st = h.stats[method]
+                    runs.append((b, m))
+                    pairs.append((b[1] / m[1], b[2] / m[2], m[0] / b[0] - 1))
+                base = tuple(statistics.median(b[i] for b, _ in runs) for i in range(3)) + (runs[0][0][3],)
+                r = tuple(statistics.median(m[i] for _, m in runs) for i in range(3)) + (runs[0][1][3],)
+            else:
+                with vlmplug.apply(model, method, **params) as h:
+                    r = measure(model, inputs, args, tracker)
+                    st = h.stats[method]
             Lk = L - 576 + k
             if method == "fastv":
                 limit = flops_limit(L, Lk, args.text_layers, params["layer"], tcfg)
@@ -130,10 +148,13 @@ def main(argv=None) -> int:
                 limit = 1.0
             else:
                 limit = flops_limit(L, Lk, args.text_layers, 1, tcfg)
+            speedup = statistics.median(p[0] for p in pairs) if pairs else base[1] / r[1]
             row = {"method": method, "budget": k, "vision_s": r[0], "llm_prefill_s": r[1], "decode_s": r[2], "kv_bytes": r[3],
-                   "prefill_speedup": base[1] / r[1], "flop_limit": limit, "of_limit": (base[1] / r[1]) / limit,
-                   "decode_speedup": base[2] / r[2], "kv_ratio": r[3] / base[3], "vision_overhead": r[0] / base[0] - 1,
-                   "flops_saved_stat": st.get("flops_saved"), "params": params}
+                   "prefill_speedup": speedup, "flop_limit": limit, "of_limit": speedup / limit,
+                   "decode_speedup": statistics.median(p[1] for p in pairs) if pairs else base[2] / r[2],
+                   "kv_ratio": r[3] / base[3],
+                   "vision_overhead": statistics.median(p[2] for p in pairs) if pairs else r[0] / base[0] - 1,
+                   "flops_saved_stat": st.get("flops_saved"), "params": params, "pairs": pairs}
             rows.append(row)
             print(f"  {method} {k}: llm {r[1]:.2f}s ({row['prefill_speedup']:.2f}x of limit {limit:.2f}x) "
                   f"decode {r[2] * 1000:.0f}ms kv {r[3] / 2**20:.0f}MiB", flush=True)

@@ -79,7 +79,7 @@ class _Call:
 @register_method("flowcut")
 @dataclass
 class FlowCut(VisionScores, PreLLMSelection):
-    """Progressive in-ViT pruning by cumulative CLS / global-token information flow (FlowCut)."""
+    """Progressive in-ViT pruning by cumulative CLS / global-token information flow (FlowCut); not Qwen2.5-VL."""
 
     keep_ratio: float | None = None
     keep_tokens: int | None = None

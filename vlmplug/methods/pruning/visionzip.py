@@ -64,7 +64,7 @@ def visionzip_select(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.T
 @register_method("visionzip")
 @dataclass
 class VisionZip(VisionScores, PreLLMSelection):
-    """Dominant (CLS-attended) plus merged contextual tokens at the vision feature layer (VisionZip)."""
+    """Dominant (CLS- or most-attended) plus merged contextual tokens at the vision feature layer (VisionZip)."""
 
     keep_ratio: float | None = None
     keep_tokens: int | None = None
