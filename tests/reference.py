@@ -120,3 +120,15 @@ def eager_attentions(model, inputs):
             return model(**inputs, output_attentions=True).attentions
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
+
+
+def split_by_weight(k, counts):
+    """Largest-remainder split of k over parts weighted by counts (ties to the earlier part), written from the
+    rule (the package's `split_budget` is checked against it through every packed-grid test)."""
+    tot = sum(counts)
+    k = min(k, tot)
+    exact = [k * c / tot for c in counts]
+    out = [int(e) for e in exact]
+    for i in sorted(range(len(counts)), key=lambda i: (-(exact[i] - out[i]), i))[: k - sum(out)]:
+        out[i] += 1
+    return out

@@ -10,7 +10,7 @@ import torch
 
 import vlmplug
 from conftest import tiny
-from reference import masked_eager_attention, register_reference
+from reference import masked_eager_attention, register_reference, split_by_weight
 from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -282,16 +282,6 @@ def test_identity_padded_batch_and_errors():
     assert "_vlmplug_handle" not in vars(model)
 
 
-def _split(k, counts):
-    tot = sum(counts)
-    k = min(k, tot)
-    exact = [k * c / tot for c in counts]
-    out = [int(e) for e in exact]
-    for i in sorted(range(len(counts)), key=lambda i: (-(exact[i] - out[i]), i))[: k - sum(out)]:
-        out[i] += 1
-    return out
-
-
 @pytest.mark.parametrize("fam", ["llava_next", "llava_onevision"])
 def test_flowcut_packed_matches_reference(fam):
     """LLaVA-NeXT / OneVision: per-crop targets from the image budget split by tokens per crop; patches that
@@ -313,7 +303,7 @@ def test_flowcut_packed_matches_reference(fam):
         n_crops, crop, patch = ad.crop_token_map(im)
         maps.append((n_crops, crop, patch))
         counts = [int((crop == c).sum()) for c in range(n_crops)]
-        for c, k in enumerate(_split(int(round(im.positions.numel() * ratio)), counts)):
+        for c, k in enumerate(split_by_weight(int(round(im.positions.numel() * ratio)), counts)):
             plans.append((k, {int(p) for p in patch[crop == c]}))
     ref = RefFlowCut(model, ratio=ratio, plans=plans)
     _run_ref(model, batch.inputs, ref)

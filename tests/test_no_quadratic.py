@@ -40,8 +40,8 @@ class LargestInAttention(TorchDispatchMode):
             h.remove()
 
 
-def _largest(model, inputs, **kw):
-    mode = LargestInAttention(model)
+def _largest(model, inputs, mode_cls=None, **kw):
+    mode = (mode_cls or LargestInAttention)(model)
     try:
         with torch.no_grad(), mode:
             model(**inputs, **kw)
@@ -93,14 +93,8 @@ def test_flowcut_keeps_vision_attention_linear():
     S, H = 257, cfg.vision_config.num_attention_heads
     quadratic = H * S * S
 
-    def largest(**kw):
-        mode = LargestInVision(model)
-        try:
-            with torch.no_grad(), mode:
-                model(**inputs, **kw)
-        finally:
-            mode.close()
-        return mode.largest
+    def largest():
+        return _largest(model, inputs, LargestInVision)
 
     model.set_attn_implementation({"vision_config": "eager"})
     try:

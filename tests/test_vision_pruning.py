@@ -8,7 +8,7 @@ import torch
 
 import vlmplug
 from conftest import tiny
-from reference import eager_softmax, masked_eager_attention, register_reference
+from reference import eager_softmax, masked_eager_attention, register_reference, split_by_weight
 from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -217,6 +217,12 @@ def test_visionzip_matches_reference_end_to_end():
         dropped[b, im.positions[mask]] = True
     # reference run: merged projector input + the reference's tokens removed from layer 0 on
     merged = torch.stack([r[1] for r in refs]).to(hidden.dtype)
+    _check_merged_reference(model, batch, g, merged, dropped)
+
+
+def _check_merged_reference(model, batch, g, merged, dropped):
+    """Generate with the reference's merged projector input and its dropped tokens masked from layer 0 on
+    (eager LLM attention); tokens and logits must match the patched run `g`."""
     hook = model.base_model.multi_modal_projector.register_forward_pre_hook(lambda m, a: (merged,))
     register_reference("refvz", masked_eager_attention(drop_from_layer=0, dropped=dropped))
     model.set_attn_implementation({"text_config": "refvz"})
@@ -355,17 +361,6 @@ def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
         base.get_image_features = orig
 
 
-def _split(k, counts):
-    """Largest-remainder split of k over parts weighted by counts (ties to the earlier part)."""
-    tot = sum(counts)
-    k = min(k, tot)
-    exact = [k * c / tot for c in counts]
-    out = [int(e) for e in exact]
-    for i in sorted(range(len(counts)), key=lambda i: (-(exact[i] - out[i]), i))[: k - sum(out)]:
-        out[i] += 1
-    return out
-
-
 def _hiprune_ref_allowed(obj, deep, width, k, alpha, allowed):
     n = obj.numel()
     cand = [i for i in range(n) if allowed[i]]
@@ -412,7 +407,7 @@ def test_hiprune_packed_matches_reference(fam):
             n = im.positions.numel()
             counts = [int((crop == c).sum()) for c in range(n_crops)]
             ref = []
-            for c, k in enumerate(_split(int(round(n * ratio)), counts)):
+            for c, k in enumerate(split_by_weight(int(round(n * ratio)), counts)):
                 P = obj[crop0 + c].numel()
                 allowed = [False] * P
                 rows = {}
@@ -466,7 +461,7 @@ def test_visionzip_llava_next_matches_reference():
             n_crops, crop, patch = ad.crop_token_map(im)
             counts = [int((crop == c).sum()) for c in range(n_crops)]
             sel = []
-            for c, k in enumerate(_split(int(round(im.positions.numel() * ratio)), counts)):
+            for c, k in enumerate(split_by_weight(int(round(im.positions.numel() * ratio)), counts)):
                 allowed = sorted(int(p) for p in patch[crop == c])
                 sub = torch.tensor(allowed)
                 keep_local, hsub = _visionzip_ref(cls[c0 + c][sub], ks[c0 + c][sub], hidden[c0 + c][sub], k, share) \
@@ -480,18 +475,7 @@ def test_visionzip_llava_next_matches_reference():
             mask = torch.ones(im.positions.numel(), dtype=torch.bool)
             mask[sel] = False
             dropped[b, im.positions[mask]] = True
-    hook = model.base_model.multi_modal_projector.register_forward_pre_hook(lambda m, a: (merged,))
-    register_reference("refvzn", masked_eager_attention(drop_from_layer=0, dropped=dropped))
-    model.set_attn_implementation({"text_config": "refvzn"})
-    try:
-        with torch.no_grad():
-            gr = model.generate(**batch.inputs, **GEN)
-    finally:
-        model.set_attn_implementation({"text_config": "sdpa"})
-        hook.remove()
-    assert torch.equal(g.sequences, gr.sequences)
-    for a, b_ in zip(g.logits, gr.logits):
-        assert (a - b_).abs().max() <= 1e-4
+    _check_merged_reference(model, batch, g, merged, dropped)
 
 
 def _pool_rows(x, grid):
@@ -572,7 +556,7 @@ def test_visionzip_on_llm_tokens_matches_reference(fam):
             if grid.packed:
                 n_crops, crop, patch = ad.crop_token_map(im)
                 parts = [(c0 + c, torch.nonzero(crop == c).flatten(), patch[crop == c]) for c in range(n_crops)]
-                budgets = _split(k_total, [len(r) for _, r, _ in parts])
+                budgets = split_by_weight(k_total, [len(r) for _, r, _ in parts])
                 c0 += n_crops
             else:
                 parts, got_rows = [], 0
