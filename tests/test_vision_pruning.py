@@ -47,6 +47,19 @@ def _vision_capture(model, inputs):
     return per_crop, [torch.cat(keys[id(m)]) if len({k.shape for k in keys[id(m)]}) == 1 else None for m in mods], proj_in
 
 
+def _feature_capture(orig, feats):
+    """A stand-in for `get_image_features` that appends its projected features, flattened to [rows, D] in token
+    order (per-image lists concatenated), to `feats`."""
+
+    def capture(*a, **k):
+        out = orig(*a, **k)
+        p = out.pooler_output
+        feats.append(torch.cat([t.reshape(-1, t.shape[-1]) for t in p]) if isinstance(p, (list, tuple)) else p.reshape(-1, p.shape[-1]))
+        return out
+
+    return capture
+
+
 def _window_order(model, batch):
     """Qwen2.5-VL: the tower's group permutation (window order -> token-order group) and the groups per image."""
     from transformers.vision_utils import get_vision_window_index
@@ -302,11 +315,7 @@ def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
             return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
         return None
 
-    def capture(*a, **k):
-        out = orig(*a, **k)
-        p = out.pooler_output
-        feats.append(torch.cat([t.reshape(-1, t.shape[-1]) for t in p]) if isinstance(p, (list, tuple)) else p.reshape(-1, p.shape[-1]))
-        return out
+    capture = _feature_capture(orig, feats)
 
     with vlmplug.apply(model, "record") as rec, torch.no_grad():  # the layout, for the packed maps
         model(**batch.inputs)
@@ -388,11 +397,8 @@ def test_hiprune_packed_matches_reference(fam):
     ad = get_adapter(model)
     grid = ad.vision_grid()
     maps, _, _ = _vision_capture(model, batch.inputs)
-    def per_patch(a):
-        s = a.double().mean(0).mean(0)
-        return s[1:] if grid.cls else s
-    obj = [per_patch(a) for a in maps[0]]
-    deep = [per_patch(a) for a in maps[grid.feature_layer]]
+    obj = _token_scores(maps[0], grid)  # packed grids: per patch, CLS removed
+    deep = _token_scores(maps[grid.feature_layer], grid)
     ratio, alpha = 0.4, 0.6
     with vlmplug.apply(model, "hiprune", keep_ratio=ratio, object_layer=1, alpha=alpha) as h, torch.no_grad():
         out = model(**batch.inputs).logits[:, -1]
@@ -516,11 +522,7 @@ def test_visionzip_on_llm_tokens_matches_reference(fam):
     base = model.base_model
     orig = base.get_image_features
     feats = []
-    def capture(*a, **k):
-        out = orig(*a, **k)
-        p = out.pooler_output
-        feats.append(torch.cat([t.reshape(-1, t.shape[-1]) for t in p]) if isinstance(p, (list, tuple)) else p.reshape(-1, p.shape[-1]))
-        return out
+    capture = _feature_capture(orig, feats)
     # keys of the feature layer only: route just that module to the tap
     feat_mod = ad.vision_attention_modules()[grid.feature_layer]
     base.get_image_features = capture

@@ -107,6 +107,7 @@ class FlowCut(VisionScores, PreLLMSelection):
         return self.keep_tokens is None and self.keep_ratio >= 1.0
 
     def begin_vision(self) -> None:
+        super().begin_vision()
         self._calls_seen = {}
         self._state = []
         self._vision_tokens: dict[int, int] = {}
@@ -196,8 +197,8 @@ class FlowCut(VisionScores, PreLLMSelection):
                 return torch.arange(n)  # the whole budget: newline tokens stay too
             has = crop >= 0
             alive, cum = torch.zeros(n, dtype=torch.bool), torch.full((n,), float("-inf"), dtype=torch.float64)
-            alive[has] = torch.stack([self._crop_alive[ids[c]][p] for c, p in zip(crop[has].tolist(), patch[has].tolist())])
-            cum[has] = torch.stack([self._crop_cum[ids[c]][p] for c, p in zip(crop[has].tolist(), patch[has].tolist())])
+            alive[has] = torch.stack([self._crop_alive[i] for i in ids])[crop[has], patch[has]]
+            cum[has] = torch.stack([self._crop_cum[i] for i in ids])[crop[has], patch[has]]
         else:
             crops = self.crops_of(n, image)
             alive = torch.cat([self._crop_alive[i] for i, _ in crops])

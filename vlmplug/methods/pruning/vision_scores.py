@@ -128,12 +128,13 @@ class VisionScores:
         v = self.session.adapter.config.vision_config
         P = (int(v.image_size) // int(v.patch_size)) ** 2
         plans = []
-        for n_crops, crop, patch in self.session.adapter.crop_maps(self.session.pending_meta):
-            if budget(len(crop), self.keep_ratio, self.keep_tokens) >= len(crop):  # everything: nothing to prune
+        for n_crops, crop, patch in self.session.adapter.crop_maps(self._vision_meta):
+            k_image = budget(len(crop), self.keep_ratio, self.keep_tokens)
+            if k_image >= len(crop):  # everything: nothing to prune
                 plans += [(P, torch.ones(P, dtype=torch.bool))] * n_crops
                 continue
             counts = [int((crop == c).sum()) for c in range(n_crops)]
-            for c, k in enumerate(split_budget(budget(len(crop), self.keep_ratio, self.keep_tokens), counts)):
+            for c, k in enumerate(split_budget(k_image, counts)):
                 allowed = torch.zeros(P, dtype=torch.bool)
                 allowed[patch[crop == c]] = True
                 plans.append((k, allowed))

@@ -76,20 +76,18 @@ class VisionZip(VisionScores, PreLLMSelection):
 
     def check(self, adapter):
         PreLLMSelection.check(self, adapter)
-        self._setup_vision(adapter, {})  # raises, naming the supported families, where patches are not mapped
-        grid = self._grid
+        grid = adapter.vision_grid()
+        layer = grid.feature_layer if grid is not None else -1
+        self._setup_vision(adapter, {layer: "cls"})  # raises, naming the supported families, where not mapped
+        self._layer = self._grid.feature_layer
         proj = getattr(adapter.base_model, "multi_modal_projector", None)
         # The official place: CLS towers whose projector takes one feature-layer hidden state per token.
-        self._pre = bool(grid.cls and grid.pool == 1 and not grid.merge and proj is not None)
-        self._setup_vision(adapter, {grid.feature_layer: "cls"})
-        self._layer = grid.feature_layer
-        self._attn = adapter.vision_attention_modules()[grid.feature_layer]
+        self._pre = bool(self._grid.cls and self._grid.pool == 1 and not self._grid.merge and proj is not None)
         self._proj = proj
 
     def attach(self, session):
         super().attach(session)
         if self._pre:
-            session.add_hook(self._attn.k_proj.register_forward_hook(self._keys_hook))
             session.add_hook(self._proj.register_forward_pre_hook(self._merge_hook))
 
     def begin_vision(self):
@@ -98,14 +96,9 @@ class VisionZip(VisionScores, PreLLMSelection):
 
     def vision_plan(self, ctx):
         plan = super().vision_plan(ctx)
-        if plan is not None and not self._pre:  # keys (mean over heads) of the feature layer, from the call itself
+        if plan is not None:  # keys of the feature layer (mean over heads, [crops, S, d]), from the call itself
             plan.taps.append(lambda q, k, v, mask, scale: self._keys.append(k.mean(1).detach().float().cpu()))
         return plan
-
-    def _keys_hook(self, module, args, output):
-        heads = int(self._attn.num_heads if hasattr(self._attn, "num_heads") else self._attn.config.num_attention_heads)
-        k = output.detach()
-        self._keys.append(k.view(*k.shape[:2], heads, -1).mean(2).cpu())  # [crops, S, d]
 
     def _merge_hook(self, module, args):
         feats = args[0]  # [crops, n_patches, D] feature-layer hidden states (CLS already dropped)
