@@ -92,7 +92,8 @@ class Session:
         self.dead: torch.Tensor | None = None  # [B, L'] True at padding slots of ragged keeps
         self.hidden: torch.Tensor | None = None  # [B, L] dropped positions (pre-LLM selection masks them early)
         self.select_layer: int | None = None
-        self.drop_layer: int | None = None
+        self.drop_layer: int | None = None  # first layer computing kept tokens only (this prefill)
+        self.cache_cut: int | None = None  # first layer whose KV cache holds kept tokens only
         self.kv_index: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, S'] logical positions kept in the cache
         self.kv_dead: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, S'] padding slots of ragged KV keeps
 
@@ -327,7 +328,7 @@ class Session:
         if li in self.kv_index:
             idx = self.kv_index[li].to(dev)
             k_pos = torch.cat([idx, tail.expand(*idx.shape[:2], -1)], dim=-1)
-        elif self.keep is not None and self.drop_layer is not None and li >= self.drop_layer:
+        elif self.keep is not None and self.cache_cut is not None and li >= self.cache_cut:
             k_pos = torch.cat([self.keep.to(dev), tail.expand(B, -1)], dim=-1)
         elif self.static_cache:  # preallocated: slot i holds position i (slots past the length are masked)
             k_pos = torch.arange(S, device=dev).expand(B, S)

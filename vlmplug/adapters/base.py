@@ -74,6 +74,8 @@ class Adapter(ABC):
     meta_keys: tuple[str, ...] = ()
     #: first decoder layer whose input may be shortened by token dropping (Qwen3-VL's DeepStack adds later)
     min_drop_layer = 1
+    #: leading decoder layers that receive image features besides the embeddings (Qwen3-VL's DeepStack)
+    feature_layers = 0
 
     def __init__(self, model: nn.Module, processor: Any = None):
         self.model = model
@@ -88,6 +90,16 @@ class Adapter(ABC):
         self.image_token_id = int(tid)
         self._text_attn = None
         self._layers = None
+
+    @property
+    def pre_llm_drop_layer(self) -> int:
+        """First decoder layer whose input may lack the image tokens a method chose before the LLM: 0, so the LLM
+        never computes them, unless layers receive image features later (DeepStack) or layer 0 is a sliding-window
+        layer (its cache could not be restored to the prompt's length, which generate() reads from layer 0)."""
+        if self.feature_layers:
+            return max(1, self.feature_layers)
+        types = getattr(self.text_config, "layer_types", None)
+        return 0 if not types or types[0] == "full_attention" else 1
 
     # ---------------------------------------------------------------- structure
     @property

@@ -22,7 +22,8 @@ class QwenVLAdapter(Adapter):
         super().__init__(model, processor)
         # Qwen3-VL adds DeepStack features to the hidden states of its first decoder layers.
         ds = getattr(self.config.vision_config, "deepstack_visual_indexes", None)
-        self.min_drop_layer = max(1, len(ds) if ds else 0)
+        self.feature_layers = len(ds) if ds else 0
+        self.min_drop_layer = max(1, self.feature_layers)
 
     def locate_sample(self, ids, pos, meta, counter):
         thw = meta.get("image_grid_thw") if meta is not None else None

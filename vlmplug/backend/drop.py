@@ -4,7 +4,9 @@ Pre-hooks on decoder layers >= K shorten what each layer sees at prefill: the hi
 the rotary (cos, sin), the attention mask on both axes and the position ids, all gathered with the
 same kept positions, so later layers and their KV caches hold only kept tokens while every token keeps
 its original (RoPE / M-RoPE) position. During decoding the mask's key axis is gathered the same way.
-Layer 0 is never shortened, so the cache length generate() reads stays the logical one.
+generate() reads the cache length from layer 0, so layer 0's cache must stay the logical length: in-LLM
+dropping (K >= 1) leaves layer 0 whole; pre-LLM selection (K = 0) lets layer 0 compute kept tokens only and
+then pads its cache back to the prompt's length with zero slots that stay hidden while decoding.
 
 Samples of a batch may keep different numbers of tokens: shorter keep lists are padded with "dead"
 slots (dropped tokens, padding first) that no other token can see, so each sample's result equals
@@ -50,18 +52,56 @@ def equalize(keeps: list[torch.Tensor], L: int, pad: torch.Tensor | None) -> tup
 
 
 def install_drop_hooks(session, K: int, start: int | None = None) -> list:
-    """Hooks for dropping before layer K. With `start` < K (pre-LLM selection, e.g. vision-side
-    methods), layers start..K-1 already hide the dropped tokens through the mask, so the result equals
-    removing them before the LLM while layer 0 keeps the logical cache length."""
+    """Hooks for dropping before layer K. With `start` <= K (pre-LLM selection, e.g. vision-side methods)
+    the selection is made at layer `start`; layers start..K-1 hide the dropped tokens through the mask.
+    K = 0 (pre-LLM selection only) removes them before the LLM: layer 0 computes kept tokens only and its
+    KV cache is then padded back to the prompt's length with hidden slots (generate() reads the length there);
+    a layer-0 cache that cannot be padded (not a plain DynamicLayer) falls back to hiding them at layer 0."""
     layers = session.adapter.decoder_layers()
-    if not session.adapter.min_drop_layer <= K < len(layers):
+    lo = 0 if start is not None else session.adapter.min_drop_layer
+    if not lo <= K < len(layers):
         raise MethodConfigError(
-            f"tokens can be dropped before layers {session.adapter.min_drop_layer}..{len(layers) - 1} of this model, got {K}"
+            f"tokens can be dropped before layers {lo}..{len(layers) - 1} of this model, got {K}"
         )
     start = K if start is None else start
-    session.drop_layer, session.select_layer = K, start
-    return [layers[li].register_forward_pre_hook(_make_hook(session, li, K, start), with_kwargs=True)
-            for li in range(start, len(layers))]
+    session.drop_layer, session.select_layer, session.cache_cut = K, start, K
+    hooks = [layers[li].register_forward_pre_hook(_make_hook(session, li, K, start), with_kwargs=True)
+             for li in range(start, len(layers))]
+    if K == 0:
+        hooks.append(layers[0].register_forward_hook(_pad_cache_hook(session), with_kwargs=True))
+    return hooks
+
+
+def _paddable(cache) -> bool:
+    """Whether layer 0 of `cache` can be padded back to the prompt's length after it stored kept tokens only."""
+    from transformers.cache_utils import DynamicLayer
+
+    if cache is None:
+        return True
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and type(layers[0]) is DynamicLayer and not getattr(cache, "offloading", False)
+
+
+def _pad_cache_hook(session):
+    def hook(module, args, kwargs, output):
+        if session.phase != "prefill" or session.keep is None or session.drop_layer != 0:
+            return None
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return None
+        layer = cache.layers[0]
+        keep = session.keep.to(layer.keys.device)
+        L = session.hidden.shape[1]
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            B, H, _, D = t.shape
+            full = t.new_zeros(B, H, L, D)
+            full.scatter_(2, keep[:, None, :, None].expand(B, H, keep.shape[1], D), t)
+            setattr(layer, name, full)
+        session.cache_cut = 1  # layer 0 now holds the logical length; dropped slots stay hidden when decoding
+        return None
+
+    return hook
 
 
 def _select(session, hs, K):
@@ -122,15 +162,21 @@ def _make_hook(session, li: int, K: int, start: int):
         hs = args[0] if args else kwargs["hidden_states"]
         if session.phase == "prefill":
             if li == start:
+                session.drop_layer, session.cache_cut = K, K
                 _select(session, hs, K)
-            if li < K:
+                if K == 0 and session.keep is not None and not _paddable(kwargs.get("past_key_values")):
+                    if len(session.adapter.decoder_layers()) < 2:
+                        raise MethodConfigError("pre-LLM token selection on a one-layer model needs a DynamicCache")
+                    session.drop_layer, session.cache_cut = 1, 1  # this cache: hide them at layer 0 instead
+            cut = session.drop_layer
+            if li < cut:
                 out = _mask_only(session, kwargs, hs, decode=False)
                 return None if out is None else (args, out)
             keep, dead = session.keep, session.dead
             if keep is None:
                 return None
             keep = keep.to(hs.device)
-            if li == K:
+            if li == cut:
                 hs = _gather_seq(hs, keep, 1)
                 if args:
                     args = (hs,) + tuple(args[1:])
@@ -152,7 +198,7 @@ def _make_hook(session, li: int, K: int, start: int):
             if isinstance(pid, torch.Tensor) and pid.dim() == 2:
                 kwargs["position_ids"] = _gather_seq(pid, keep, 1)
             return args, kwargs
-        if li < K:
+        if li < session.cache_cut:
             out = _mask_only(session, kwargs, hs, decode=True)
             return None if out is None else (args, out)
         keep, dead = session.keep, session.dead

@@ -30,8 +30,9 @@ def layer_flops(n: int, d: int, m: int) -> float:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def drop_stats(session, layer_lens: list[int]) -> dict:
-    """Tokens kept per image and per layer, KV-cache bytes and estimated FLOPs saved, last prefill."""
+def drop_stats(session, layer_lens: list[int], cache_lens: list[int] | None = None) -> dict:
+    """Tokens kept per image and per layer, KV-cache bytes and estimated FLOPs saved, last prefill.
+    `cache_lens`: tokens each layer's KV cache holds, where it differs from what the layer computed."""
     cfg = session.adapter.text_config
     d, m = int(cfg.hidden_size), int(cfg.intermediate_size)
     heads = int(cfg.num_attention_heads)
@@ -53,18 +54,22 @@ def drop_stats(session, layer_lens: list[int]) -> dict:
     return {
         "tokens_kept_per_image": kept_per_image,
         "tokens_per_layer": layer_lens,
-        "kv_cache_bytes": int(sum(layer_lens) * 2 * kvh * hd * bytes_per * B),
+        "kv_cache_bytes": int(sum(cache_lens or layer_lens) * 2 * kvh * hd * bytes_per * B),
         "flops_saved": 0.0 if full == 0 else 1.0 - pruned / full,
     }
 
 
 def token_drop_stats(session, K: int | None) -> dict:
-    """`drop_stats` for methods that drop tokens before layer K (full length before, kept length after)."""
+    """`drop_stats` for methods that drop tokens before layer K (full length before, kept length after; the
+    session's cut of the last prefill where it moved, e.g. layer 0's padded cache or a fallback)."""
     if session is None or session.input_ids is None or K is None:
         return {}
     n, L = session.adapter.num_layers, session.prompt_len
     Lk = int(session.keep.shape[1]) if session.keep is not None else L
-    return drop_stats(session, [L] * K + [Lk] * (n - K))
+    if session.keep is None or session.drop_layer is None:
+        return drop_stats(session, [L] * K + [Lk] * (n - K))
+    cut, cache_cut = session.drop_layer, session.cache_cut
+    return drop_stats(session, [L] * cut + [Lk] * (n - cut), [L] * cache_cut + [Lk] * (n - cache_cut))
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

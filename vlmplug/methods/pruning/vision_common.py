@@ -2,7 +2,9 @@
 
 They see each image's projected features (rows in the order of that image's token positions, views
 they may edit in place, e.g. to write merged tokens) and record which rows survive. The LLM then never
-attends to the dropped rows: layer 0 hides them through the mask and later layers do not hold them.
+computes the dropped rows: they leave before layer 0 (whose KV cache is padded back to the prompt's length
+with hidden slots, since generate() reads the length there). Where a layer must see them first (DeepStack,
+a sliding-window layer 0) the layers before the cut hide them through the mask.
 Budgets (`keep_tokens` / `keep_ratio`) are per image.
 """
 from __future__ import annotations
@@ -24,9 +26,9 @@ class PreLLMSelection(Method):
         self._selection = None
 
     def check(self, adapter):
-        if adapter.num_layers <= adapter.min_drop_layer:
+        if adapter.num_layers <= adapter.pre_llm_drop_layer:
             raise MethodConfigError(f"{self.name}: the model has too few decoder layers to drop tokens")
-        self.drop_layer = adapter.min_drop_layer
+        self.drop_layer = adapter.pre_llm_drop_layer
 
     def image_budget(self, n: int) -> int:
         return budget(n, self.keep_ratio, self.keep_tokens)

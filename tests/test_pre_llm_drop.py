@@ -1,0 +1,94 @@
+"""Pre-LLM selection removes tokens before the LLM: layer 0 computes kept tokens only, its KV cache is padded
+back to the prompt's length (generate() reads the length there), and the result equals the two other ways of
+running the same selection: without a cache, and with a cache whose layer 0 cannot be padded (the dropped
+tokens are then hidden at layer 0 through the mask and leave before layer 1)."""
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+import vlmplug
+from conftest import tiny
+from vlmplug.testing.tiny import make_batch
+
+# first decoder layer that may lack the dropped tokens: Gemma 3's layer 0 slides, Qwen3-VL's tiny config
+# has one DeepStack layer; everything else cuts before layer 0
+CUT = {"gemma3": 1, "qwen3_vl": 1}
+GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+class OtherLayer(DynamicLayer):
+    """A layer-0 cache vlmplug must not pad (stands for quantized / custom cache layers)."""
+
+
+def _other_cache(model):
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    cache.layers[0] = OtherLayer()
+    return cache
+
+
+def _spy_lengths(model):
+    from vlmplug.adapters import get_adapter
+
+    seen = {}
+
+    def spy(i):
+        def hook(module, args, kwargs):  # runs after vlmplug's own pre-hooks (registered earlier)
+            seen.setdefault(i, (args[0] if args else kwargs["hidden_states"]).shape[1])
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(spy(i), with_kwargs=True)
+             for i, layer in enumerate(get_adapter(model).decoder_layers())]
+    return seen, hooks
+
+
+def test_layer_lengths_cache_and_equivalent_paths(family):
+    model = tiny(family)
+    batch = make_batch(family, model, (1, 2))
+    L = batch.inputs["input_ids"].shape[1]
+    cut = CUT.get(family, 0)
+    with vlmplug.apply(model, "cluster", keep_tokens=2) as h, torch.no_grad():
+        seen, hooks = _spy_lengths(model)
+        try:
+            cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+            out = model(**batch.inputs, past_key_values=cache, use_cache=True)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        Lk = int(h.session.keep.shape[1])
+        assert Lk < L
+        assert [seen[i] for i in sorted(seen)] == [L] * cut + [Lk] * (len(seen) - cut)
+        # layer 0 holds the logical length (what generate() reads); later pruned layers the kept tokens
+        assert cache.get_seq_length() == L
+        if cut == 0:
+            assert cache.layers[0].keys.shape[2] == L and cache.layers[1].keys.shape[2] == Lk
+            dropped = torch.ones(2, L, dtype=torch.bool)
+            dropped[torch.arange(2)[:, None], h.session.keep] = False
+            assert torch.all(cache.layers[0].keys.transpose(1, 2)[dropped] == 0)  # padded slots
+        no_cache = model(**batch.inputs, use_cache=False)
+        assert (no_cache.logits - out.logits).abs().max() <= 1e-5
+        fallback_cache = _other_cache(model)
+        fallback = model(**batch.inputs, past_key_values=fallback_cache, use_cache=True)
+        assert (fallback.logits - out.logits).abs().max() <= 1e-5
+        assert fallback_cache.layers[0].keys.shape[2] == L
+        g = model.generate(**batch.inputs, **GEN)
+        gf = model.generate(**batch.inputs, past_key_values=_other_cache(model), **GEN)
+    assert torch.equal(g.sequences, gf.sequences)
+    for a, b in zip(g.logits, gf.logits):
+        assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl"])
+def test_stats_count_the_padded_layer(fam):
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
+    with vlmplug.apply(model, "cluster", keep_tokens=2) as h, torch.no_grad():
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        model(**batch.inputs, past_key_values=cache, use_cache=True)
+        st = h.stats["cluster"]
+        real = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    L, Lk = batch.inputs["input_ids"].shape[1], int(h.session.keep.shape[1])
+    n = len(cache.layers)
+    assert Lk < L and st["tokens_per_layer"] == [Lk] * n
+    assert st["kv_cache_bytes"] == real  # layer 0 keeps L slots, the others Lk
+    assert cache.layers[0].keys.shape[2] == L
