@@ -92,3 +92,21 @@ def test_stats_count_the_padded_layer(fam):
     assert Lk < L and st["tokens_per_layer"] == [Lk] * n
     assert st["kv_cache_bytes"] == real  # layer 0 keeps L slots, the others Lk
     assert cache.layers[0].keys.shape[2] == L
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl"])
+def test_beam_search_on_the_padded_cache(fam, monkeypatch):
+    """Beam search reorders every cache layer, the padded layer 0 included: same beams as the masked layer 0."""
+    import vlmplug.backend.drop as drop
+
+    model = tiny(fam)
+    batch = make_batch(fam, model, (2, 1, 0))
+    kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with vlmplug.apply(model, "cluster", keep_tokens=2), torch.no_grad():
+        padded = model.generate(**batch.inputs, **kw)
+        monkeypatch.setattr(drop, "_paddable", lambda cache: False)
+        masked = model.generate(**batch.inputs, **kw)
+    assert torch.equal(padded.sequences, masked.sequences)
+    for a, b in zip(padded.scores, masked.scores):
+        finite = torch.isfinite(a)
+        assert torch.equal(finite, torch.isfinite(b)) and (a[finite] - b[finite]).abs().max() <= 1e-4
