@@ -1,4 +1,4 @@
-"""Token pruning speed on a LLaVA-1.5-shaped model with random weights (576 image tokens).
+"""Token pruning speed on a LLaVA-1.5- or Qwen2-VL-7B-shaped model with random weights (576 image tokens).
 
 For the unpruned model and each method at each budget (kept image tokens), in one run on the same model and
 prompt, times one prefill forward split into
@@ -21,7 +21,9 @@ With --interleave (recommended on a shared machine), each budget alternates unpr
 --reps times and every ratio is the median of the per-pair ratios.
 
     python eval/bench_pruning.py --interleave --reps 3 --decode-tokens 2          # CPU: 4 text layers, 24 vision
+    python eval/bench_pruning.py --arch qwen2vl --vision-layers 2 --interleave --reps 2 --decode-tokens 2
     python eval/bench_pruning.py --device cuda --dtype bfloat16 --text-layers 32 --vision-layers 24 --interleave
+    python eval/bench_pruning.py --device cuda --dtype bfloat16 --arch qwen2vl --text-layers 28 --vision-layers 32 --interleave
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class Timers:
     def __init__(self, model, device):
         self.device, self.t, self.hooks = device, {}, []
         base = model.base_model
-        self.add(base.vision_tower, "vision")
+        self.add(getattr(base, "vision_tower", None) or base.visual, "vision")
         self.add(base.language_model, "llm")
         for i, layer in enumerate(base.language_model.layers):
             self.add(layer, i)
@@ -97,7 +99,9 @@ def measure(model, inputs, args, timers) -> dict:
         _sync(args.device)
         t = time.perf_counter()
         with torch.inference_mode():
-            o = model(input_ids=tok, attention_mask=am, past_key_values=cache, use_cache=True)
+            # Qwen2-VL derives decode positions from a mask over the whole sequence; without padding it needs none
+            extra = {} if "image_grid_thw" in inputs else {"attention_mask": am}
+            o = model(input_ids=tok, past_key_values=cache, use_cache=True, **extra)
         _sync(args.device)
         steps.append(time.perf_counter() - t)
         tok = o.logits[:, -1:].argmax(-1)
@@ -129,8 +133,10 @@ def layer_flops_limit(L, Lk, n_layers, cut, cfg):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=("llava15", "qwen2vl"), default="llava15",
+                   help="LLaVA-1.5-7B (CLIP-L/336, Vicuna-7B) or Qwen2-VL-7B (672 px image: 2304 patches, 576 tokens)")
     p.add_argument("--text-layers", type=int, default=4)
-    p.add_argument("--vision-layers", type=int, default=24)
+    p.add_argument("--vision-layers", type=int, default=None, help="default: 24 (llava15), 32 (qwen2vl)")
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--decode-tokens", type=int, default=8)
@@ -144,14 +150,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import vlmplug
-    from vlmplug.testing.shapes import build_random, llava15_config, llava_prompt
+    from vlmplug.testing import shapes
 
     dtype = getattr(torch, args.dtype)
-    cfg = llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
-    model = build_random(cfg, dtype=dtype, device=args.device)
-    inputs = llava_prompt(cfg, device=args.device)
+    if args.vision_layers is None:
+        args.vision_layers = 24 if args.arch == "llava15" else 32
+    if args.arch == "llava15":
+        cfg = shapes.llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
+        inputs = shapes.llava_prompt(cfg, device=args.device)
+        image_id = cfg.image_token_index
+    else:
+        cfg = shapes.qwen2vl_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
+        inputs = shapes.qwen2vl_prompt(cfg, device=args.device)
+        image_id = cfg.image_token_id
+    model = shapes.build_random(cfg, dtype=dtype, device=args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     L = int(inputs["input_ids"].shape[1])
+    n_img = int((inputs["input_ids"] == image_id).sum())
     timers = Timers(model, args.device)
     warm = argparse.Namespace(**{**vars(args), "decode_tokens": 2})
     measure(model, inputs, warm, timers)  # warm-up
@@ -168,7 +183,7 @@ def main(argv=None) -> int:
                 params["object_layer"] = min(9, args.vision_layers)
             if method == "plphp":
                 params["start_layer"] = min(2, n_layers - 1)
-            Lk = L - 576 + k
+            Lk = L - n_img + k
             pairs = []
             for _ in range(args.reps if args.interleave else 1):
                 b = measure(model, inputs, args, timers)
@@ -207,8 +222,9 @@ def main(argv=None) -> int:
                   f"{med['ideal_speedup']:.2f}x, limit {limit:.2f}x) other {bm['other']:.2f} -> {pm['other']:.2f}s",
                   flush=True)
     timers.remove()
-    print(f"\nLLaVA-1.5 shapes, {n_layers} text / {args.vision_layers} vision layers, {L} prompt tokens "
-          f"(576 image), {args.device} {args.dtype}, " + (f"medians of {args.reps} interleaved pairs" if args.interleave else
+    arch = "LLaVA-1.5-7B" if args.arch == "llava15" else "Qwen2-VL-7B"
+    print(f"\n{arch} shapes, {n_layers} text / {args.vision_layers} vision layers, {L} prompt tokens "
+          f"({n_img} image), {args.device} {args.dtype}, " + (f"medians of {args.reps} interleaved pairs" if args.interleave else
                                                           f"{args.reps} reps"))
     print(f"{'method':<10}{'kept':>5}{'cut':>4}{'LLM prefill':>18}{'speed-up':>9}{'ideal':>7}{'limit':>7}{'of ideal':>9}"
           f"{'of limit':>9}{'other s':>12}{'e2e':>7}{'decode':>8}{'KV MiB':>12}{'vision':>8}")

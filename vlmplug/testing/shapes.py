@@ -24,6 +24,41 @@ def llava15_config(text_layers: int = 32, vision_layers: int = 24, text_heads: i
     )
 
 
+def qwen2vl_config(text_layers: int = 28, vision_layers: int = 32):
+    """Qwen2-VL-7B shapes: 675M-parameter ViT (patch 14, 2x2 merge), Qwen2-7B text (GQA 28/4 heads, M-RoPE)."""
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=dict(
+            model_type="qwen2_vl_text", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+            num_hidden_layers=text_layers, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+            rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+        ),
+        vision_config=dict(depth=vision_layers, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    )
+
+
+def qwen2vl_prompt(config, grid: int = 48, text_before: int = 16, text_after: int = 48, device="cpu", seed: int = 0):
+    """One image of grid x grid patches (48: 672 px, 576 tokens after the 2x2 merge) between random text."""
+    g = torch.Generator().manual_seed(seed)
+    vc = config.vision_config
+    n_img = (grid // vc.spatial_merge_size) ** 2
+    ids = torch.cat([
+        torch.randint(3, 150000, (1, text_before), generator=g),
+        torch.tensor([[config.vision_start_token_id]]),
+        torch.full((1, n_img), config.image_token_id),
+        torch.tensor([[config.vision_end_token_id]]),
+        torch.randint(3, 150000, (1, text_after), generator=g),
+    ], dim=1)
+    px = torch.randn(grid * grid, 3 * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
+    mm = (ids == config.image_token_id).long()  # what the processor returns: 1 marks image tokens
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "pixel_values": px.to(device),
+            "image_grid_thw": torch.tensor([[1, grid, grid]], device=device), "mm_token_type_ids": mm.to(device)}
+
+
 def build_random(config, dtype=torch.float32, device="cpu", seed: int = 0):
     """Instantiate with random weights quickly (small normal init, no per-module init passes)."""
     from transformers import AutoModelForImageTextToText
