@@ -255,8 +255,10 @@ class PreDrop(Method):
     name: ClassVar[str] = "_predrop"
     hide_before: ClassVar[bool] = True
 
-    def check(self, adapter):
-        self.drop_layer = adapter.min_drop_layer
+    cut: str = "pre"
+
+    def check(self, adapter):  # "pre": before layer 0 where the model allows; "one": masked layer 0, cut before 1
+        self.drop_layer = adapter.pre_llm_drop_layer if self.cut == "pre" else adapter.min_drop_layer
 
     def tokens_to_keep(self, ctx):
         lay = ctx.layout
@@ -269,11 +271,12 @@ class PreDrop(Method):
         return keeps
 
 
+@pytest.mark.parametrize("cut", ["pre", "one"])
 @pytest.mark.parametrize("fam", FAMS + ["gemma3"])
-def test_pre_llm_drop_matches_masked_eager_from_layer_0(fam):
+def test_pre_llm_drop_matches_masked_eager_from_layer_0(fam, cut):
     model = tiny(fam)
     batch = make_batch(fam, model, (2, 1))  # ragged budgets across the batch, left padding
-    m = PreDrop()
+    m = PreDrop(cut)
     with vlmplug.apply(model, m), torch.no_grad():
         out = model(**batch.inputs).logits[:, -1]
         g = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)

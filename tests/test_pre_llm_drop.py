@@ -92,6 +92,27 @@ def test_stats_count_the_padded_layer(fam):
     assert Lk < L and st["tokens_per_layer"] == [Lk] * n
     assert st["kv_cache_bytes"] == real  # layer 0 keeps L slots, the others Lk
     assert cache.layers[0].keys.shape[2] == L
+    cfg = model.config.get_text_config(decoder=True)
+    d, m = cfg.hidden_size, cfg.intermediate_size
+
+    def flops(x):  # FastV's per-layer model, every layer at x tokens
+        return 4 * x * d * d + 2 * x * x * d + 2 * x * d * m
+    assert abs(st["flops_saved"] - (1 - flops(Lk) / flops(L))) < 1e-9
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl"])
+def test_generate_with_a_cache_built_without_config_takes_the_padded_path(fam):
+    """DynamicCache() creates its layers lazily; it must still be padded, not fall back to the masked layer 0."""
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
+    with vlmplug.apply(model, "cluster", keep_tokens=2) as h, torch.no_grad():
+        cache = DynamicCache()
+        out = model.generate(**batch.inputs, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        assert h.session.drop_layer == 0
+        Lk = int(h.session.keep.shape[1])
+    total = out.shape[1] - 1  # the last token was never fed back
+    assert cache.layers[0].keys.shape[2] == total
+    assert cache.layers[1].keys.shape[2] == Lk + total - batch.inputs["input_ids"].shape[1]
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_vl"])

@@ -78,11 +78,18 @@ def _paddable(cache) -> bool:
 
     if cache is None:
         return True
+    if getattr(cache, "offloading", False):
+        return False
     layers = getattr(cache, "layers", None)
-    return bool(layers) and type(layers[0]) is DynamicLayer and not getattr(cache, "offloading", False)
+    if layers:
+        return type(layers[0]) is DynamicLayer
+    # DynamicCache() without a config creates its layers when they are first written
+    return layers is not None and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer
 
 
 def _pad_cache_hook(session):
+    from transformers.cache_utils import DynamicLayer
+
     def hook(module, args, kwargs, output):
         if session.phase != "prefill" or session.keep is None or session.drop_layer != 0:
             return None
@@ -90,6 +97,8 @@ def _pad_cache_hook(session):
         if cache is None:
             return None
         layer = cache.layers[0]
+        if type(layer) is not DynamicLayer:
+            raise MethodConfigError(f"vlmplug: expected a DynamicLayer at layer 0 of the KV cache, got {type(layer).__name__}")
         keep = session.keep.to(layer.keys.device)
         L = session.hidden.shape[1]
         for name in ("keys", "values"):
@@ -166,7 +175,9 @@ def _make_hook(session, li: int, K: int, start: int):
                 _select(session, hs, K)
                 if K == 0 and session.keep is not None and not _paddable(kwargs.get("past_key_values")):
                     if len(session.adapter.decoder_layers()) < 2:
-                        raise MethodConfigError("pre-LLM token selection on a one-layer model needs a DynamicCache")
+                        raise MethodConfigError(
+                            f"pre-LLM token selection on a one-layer model needs a plain DynamicCache; got "
+                            f"{type(kwargs.get('past_key_values')).__name__} (pass use_cache=False or the default cache)")
                     session.drop_layer, session.cache_cut = 1, 1  # this cache: hide them at layer 0 instead
             cut = session.drop_layer
             if li < cut:

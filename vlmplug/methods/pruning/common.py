@@ -49,7 +49,8 @@ def drop_stats(session, layer_lens: list[int], cache_lens: list[int] | None = No
                                    for im in s.images])
     B = len(layout.samples) if layout is not None else 1
     bytes_per = 2 if session.model.dtype in (torch.float16, torch.bfloat16) else torch.finfo(session.model.dtype).bits // 8
-    full = sum(layer_flops(layer_lens[0], d, m) for _ in layer_lens)
+    L = int(session.prompt_len or layer_lens[0])  # every layer at the prompt's length: the unpruned cost
+    full = sum(layer_flops(L, d, m) for _ in layer_lens)
     pruned = sum(layer_flops(n, d, m) for n in layer_lens)
     return {
         "tokens_kept_per_image": kept_per_image,
