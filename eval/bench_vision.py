@@ -1,12 +1,14 @@
-"""What the vision-side pruning methods add to the vision tower, on a LLaVA-1.5-shaped model with random weights.
+"""What the vision-side pruning methods add to the vision tower, on a real-size model with random weights.
 
-Times `get_image_features` (CLIP ViT-L/14-336 tower + projector, 576 patches) plainly and with each method
+Times `get_image_features` (LLaVA-1.5: CLIP ViT-L/14-336 tower + projector, 576 patches; Qwen2-VL-7B: 32-layer
+ViT on a 672 px image, 2304 patches, + merger) plainly and with each method
 applied, interleaved (plain, method, plain, method, ...) so slow drifts of a shared machine hit both alike, and
 reports the median ratio of the pairs. The methods' work in the tower is all here: probes (hiprune, visionzip),
 taps and key masks in every layer up to the feature layer (flowcut), the merge hook (visionzip). Their selection
 after the tower runs with the LLM and is timed by bench_pruning.py.
 
     python eval/bench_vision.py                           # fp32, 24 vision layers, 7 pairs per method
+    python eval/bench_vision.py --arch qwen2vl --pairs 5  # Qwen2-VL-7B tower, 32 layers
     python eval/bench_vision.py --device cuda --dtype bfloat16
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ METHODS = ("hiprune", "visionzip", "flowcut")
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vision-layers", type=int, default=24)
+    p.add_argument("--arch", choices=("llava15", "qwen2vl"), default="llava15")
+    p.add_argument("--vision-layers", type=int, default=None, help="default: 24 (llava15), 32 (qwen2vl)")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--keep-tokens", type=int, default=64)
     p.add_argument("--pairs", type=int, default=7)
@@ -33,12 +36,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import vlmplug
-    from vlmplug.testing.shapes import build_random, llava15_config, llava_prompt
+    from vlmplug.testing import shapes
 
     dtype = getattr(torch, args.dtype)
-    cfg = llava15_config(text_layers=2, vision_layers=args.vision_layers)  # text unused: the tower is timed
-    model = build_random(cfg, dtype=dtype, device=args.device)
-    pv = llava_prompt(cfg, device=args.device)["pixel_values"].to(dtype)
+    if args.vision_layers is None:
+        args.vision_layers = 24 if args.arch == "llava15" else 32
+    # text layers are unused (the tower is timed): one keeps the build short
+    if args.arch == "llava15":
+        cfg = shapes.llava15_config(text_layers=1, vision_layers=args.vision_layers)
+        prompt = shapes.llava_prompt(cfg, device=args.device)
+        image_kw = {"pixel_values": prompt["pixel_values"].to(dtype)}
+        tower = "CLIP ViT-L/14-336 shapes, 576 patches"
+    else:
+        cfg = shapes.qwen2vl_config(text_layers=1, vision_layers=args.vision_layers)
+        prompt = shapes.qwen2vl_prompt(cfg, device=args.device)
+        image_kw = {"pixel_values": prompt["pixel_values"].to(dtype), "image_grid_thw": prompt["image_grid_thw"]}
+        tower = "Qwen2-VL-7B ViT shapes, 2304 patches"
+    model = shapes.build_random(cfg, dtype=dtype, device=args.device)
     base = model.base_model
 
     def once() -> float:
@@ -46,7 +60,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.inference_mode():
-            base.get_image_features(pixel_values=pv)
+            base.get_image_features(**image_kw)
         if str(args.device).startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - t
@@ -73,7 +87,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"  {method}: {row['plain_s']:.3f}s -> {row['method_s']:.3f}s, {100 * row['overhead']:+.1f}% "
               f"(pairs {100 * row['min_overhead']:+.1f}% .. {100 * row['max_overhead']:+.1f}%)", flush=True)
-    print(f"\nvision tower + projector, CLIP ViT-L/14-336 shapes, {args.vision_layers} layers, {args.device} {args.dtype}, "
+    print(f"\nvision tower + projector, {tower}, {args.vision_layers} layers, {args.device} {args.dtype}, "
           f"median of {args.pairs} interleaved pairs")
     print(f"{'method':<11}{'plain':>9}{'method':>9}{'overhead':>10}{'pair range':>20}")
     for r in rows:

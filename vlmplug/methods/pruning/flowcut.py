@@ -135,20 +135,24 @@ class FlowCut(VisionScores, PreLLMSelection):
     def _score(self, st: _Call, li: int, q, k, v, scale) -> None:
         B, H = q.shape[:2]
         k, v = expand_kv(k, H // k.shape[1]), expand_kv(v, H // v.shape[1])
-        q, k, v = q.double(), k.double(), v.double()
+        # the O(S) reductions over q/k/v run in float32 (no float64 copy of the call's tensors: that copy was most
+        # of FlowCut's cost in the tower); the per-token results go on in float64
+        q, k, v = q.float(), k.float(), v.float()
         off = st.off
         alive_p = st.alive[:, st.gid]  # [B, n] surviving patches
         alive = torch.cat([torch.ones_like(alive_p[:, :1]), alive_p], 1) if off else alive_p
         if off:
             gq, gv = q[:, :, 0], v[:, :, 0]
         else:
-            w = alive.double() / alive.sum(1, keepdim=True)
+            w = alive.float() / alive.sum(1, keepdim=True)
             gq = torch.einsum("bhsd,bs->bhd", q, w)
             gv = torch.einsum("bhsd,bs->bhd", v, w)
         hide = ~alive[:, None, :]
-        rel = torch.softmax((torch.einsum("bhd,bhsd->bhs", gq, k) * scale).masked_fill(hide, float("-inf")), -1).mean(1)
-        sem = torch.softmax((torch.einsum("bhd,bhsd->bhs", gv, v) * scale).masked_fill(hide, float("-inf")), -1).mean(1)
-        vnorm = v.mean(1).abs().sum(-1)
+        rel_logits = torch.einsum("bhd,bhsd->bhs", gq, k).double() * scale
+        sem_logits = torch.einsum("bhd,bhsd->bhs", gv, v).double() * scale
+        rel = torch.softmax(rel_logits.masked_fill(hide, float("-inf")), -1).mean(1)
+        sem = torch.softmax(sem_logits.masked_fill(hide, float("-inf")), -1).mean(1)
+        vnorm = v.mean(1).abs().sum(-1).double()
         rel, sem, vnorm = rel[:, off:], sem[:, off:], vnorm[:, off:]
         score = (rel / rel.sum(1, keepdim=True) + sem / sem.sum(1, keepdim=True)) * vnorm
         score = score * alive_p
