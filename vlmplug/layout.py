@@ -46,6 +46,9 @@ class ImageLayout:
     main: int = 0
     size: tuple[int, int] | None = None  # original (width, height) when known
     processed_size: tuple[float, float] | None = None  # (width, height) of the frame of "processed" boxes
+    # the image's place among the images the image-feature call encoded; rows that generate() repeated for
+    # beams / num_return_sequences after encoding the images once share it
+    index: int | None = None
 
     @property
     def main_view(self) -> View:

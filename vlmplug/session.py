@@ -166,6 +166,9 @@ class Session:
                 except TypeError:
                     pass
             session.pending_meta = session.adapter.capture_meta(bound)
+            # inside a forward every row brought its own images; before it, generate() encodes them once and
+            # may repeat rows afterwards (beams), which then share their images
+            session.pending_meta.values["encoded_in_forward"] = session._in_forward
             session._layout_done = False
             for m in session.methods:
                 if hasattr(m, "begin_vision"):

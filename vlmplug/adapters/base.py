@@ -193,26 +193,59 @@ class Adapter(ABC):
         """Layout of a batch. `sizes` gives the original (width, height) per sample per image if known."""
         ids = input_ids.detach().cpu()
         am = attention_mask.detach().cpu() if attention_mask is not None and attention_mask.dim() == 2 else None
+        B = ids.shape[0]
+        # generate() repeats rows for beams / num_return_sequences, either after encoding the images once,
+        # before the first forward (recent transformers: a repeated row reuses the previous row's images), or
+        # together with them, encoded inside the forward (5.17: every row has its own). Where the call ran
+        # tells them apart; the number of images it encoded, where known, checks the choice.
+        repeated = [b > 0 and torch.equal(ids[b], ids[b - 1]) and (am is None or torch.equal(am[b], am[b - 1]))
+                    for b in range(B)]
+        if not any(repeated) or (meta is not None and meta.get("encoded_in_forward")):
+            return self._locate(ids, am, meta, sizes, [False] * B)[0]
+        encoded = self.encoded_images(meta)
+        tries = ([False] * B, repeated) if encoded is not None else (repeated, [False] * B)
+        error = None
+        for reuse in tries:
+            try:
+                layout, n = self._locate(ids, am, meta, sizes, reuse)
+            except LayoutError as e:
+                error = error or e
+                continue
+            if encoded is None or n == encoded:
+                return layout
+            error = error or LayoutError(f"the image tokens hold {n} images, the image-feature call encoded {encoded}")
+        raise error
+
+    def _locate(self, ids, am, meta, sizes, reuse: list[bool]) -> tuple[Layout, int]:
+        """Layout and the number of distinct images; rows flagged in `reuse` take the previous row's images."""
         B, L = ids.shape
         counter = _ImageCounter()
         samples = []
         row_start = 0
         for b in range(B):
-            # generate() repeats rows for beams / num_return_sequences after encoding the images once:
-            # a row identical to the previous one reuses that row's images
-            same = b > 0 and torch.equal(ids[b], ids[b - 1]) and (am is None or torch.equal(am[b], am[b - 1]))
-            if same:
+            if reuse[b]:
                 counter.i = row_start
             row_start = counter.i
             real = torch.nonzero(am[b]).flatten() if am is not None else torch.arange(L)
             first, last = (int(real[0]), int(real[-1])) if real.numel() else (0, L - 1)
             pos = torch.nonzero(ids[b] == self.image_token_id).flatten()
             images = self.locate_sample(ids[b], pos, meta, counter) if pos.numel() else []
+            if counter.i - row_start == len(images):  # one counter step per image (every adapter here)
+                for j, im in enumerate(images):
+                    im.index = row_start + j
             if sizes is not None and b < len(sizes):
                 for im, sz in zip(images, sizes[b]):
                     self.to_original(im, tuple(int(x) for x in sz))
             samples.append(SampleLayout(images=images, seq_len=L, first_real=first, last_real=last))
-        return Layout(samples)
+        return Layout(samples), counter.i
+
+    def encoded_images(self, meta: ImageMeta | None) -> int | None:
+        """How many images the image-feature call encoded, where its arguments tell (None: unknown)."""
+        shape = meta.get("pixel_shape") if meta is not None else None
+        return int(shape[0]) if self.pixel_values_per_image and shape else None
+
+    # pixel_values' first dimension counts images (one tensor per image, as LLaVA-1.5 and Gemma 3 feed it)
+    pixel_values_per_image = False
 
     @abstractmethod
     def locate_sample(self, ids: torch.Tensor, pos: torch.Tensor, meta: ImageMeta | None, counter: "_ImageCounter") -> list[ImageLayout]:

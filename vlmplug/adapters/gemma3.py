@@ -10,6 +10,8 @@ from .base import Adapter
 
 @register_adapter("gemma3")
 class Gemma3Adapter(Adapter):
+    pixel_values_per_image = True
+
     def locate_sample(self, ids, pos, meta, counter):
         n = int(self.config.mm_tokens_per_image)
         if pos.numel() % n:

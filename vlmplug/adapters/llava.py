@@ -22,6 +22,8 @@ class LlavaAdapter(Adapter):
     """The image processor resizes the shortest edge and centre-crops (llava-hf) or pads to a square
     (LLaVA's `image_aspect_ratio="pad"`, `do_pad=True`); `to_original` undoes whichever is in use."""
 
+    pixel_values_per_image = True
+
     def locate_sample(self, ids, pos, meta, counter):
         side, n = tokens_per_image(self.config)
         if pos.numel() % n:

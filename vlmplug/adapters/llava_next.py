@@ -40,6 +40,10 @@ class AnyresAdapter(Adapter):
     def _patched(self, meta, index: int) -> bool:
         return True
 
+    def encoded_images(self, meta):
+        sizes = meta.get("image_sizes") if meta is not None else None
+        return None if sizes is None else len(sizes)
+
     def locate_sample(self, ids, pos, meta, counter):
         sizes = meta.get("image_sizes") if meta is not None else None
         if sizes is None:

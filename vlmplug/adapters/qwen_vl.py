@@ -25,6 +25,10 @@ class QwenVLAdapter(Adapter):
         self.feature_layers = len(ds) if ds else 0
         self.min_drop_layer = max(1, self.feature_layers)
 
+    def encoded_images(self, meta):
+        thw = meta.get("image_grid_thw") if meta is not None else None
+        return None if thw is None else len(thw)
+
     def locate_sample(self, ids, pos, meta, counter):
         thw = meta.get("image_grid_thw") if meta is not None else None
         if thw is None:

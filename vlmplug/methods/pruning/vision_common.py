@@ -35,9 +35,19 @@ class PreLLMSelection(Method):
 
     def on_image_features(self, rows, images, session):
         """rows[i]: [n_i, D] features of images[i] = (sample index, ImageLayout). Sets the selection."""
-        keep = {}
+        keep, done = {}, {}
         for i, (x, (b, im)) in enumerate(zip(rows, images)):
-            keep[(b, id(im))] = self.select(x, im, i, session).cpu().sort().values
+            first = done.get(im.index) if im.index is not None else None
+            if first is not None:  # a row generate() repeated (beams): the same image, the same selection
+                x0, kept = first
+                if x.data_ptr() != x0.data_ptr():
+                    x.copy_(x0)  # merged rows included
+                keep[(b, id(im))] = kept
+                continue
+            kept = self.select(x, im, i, session).cpu().sort().values
+            keep[(b, id(im))] = kept
+            if im.index is not None:
+                done[im.index] = (x, kept)
         self._selection = keep
 
     def select(self, x: torch.Tensor, image, index: int, session) -> torch.Tensor:
