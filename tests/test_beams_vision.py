@@ -56,3 +56,29 @@ def test_beam_search_keeps_each_rows_selection(fam, method):
     # every beam row keeps what its sample kept alone, and scores what greedy scored
     assert torch.equal(keep_beams, keep_greedy.repeat_interleave(BEAMS, 0))
     assert _close(ref, got)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+@pytest.mark.parametrize("method", ["cluster", "visionzip"])
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_identical_rows_with_different_images(fam, method, beams):
+    """Two rows with the same text and different images: each keeps its own image through generate(), with
+    and without beams (which then repeat the two identical rows again). Reference: the patched forward,
+    which encodes the images inside the forward, one per row."""
+    from vlmplug.testing.tiny import _default_sizes
+
+    model = tiny(fam)
+    size = _default_sizes(fam)[0]
+    batch = make_batch(fam, model, (1, 1), image_sizes=[[size], [size]], text_lens=[6, 6])
+    inputs = dict(batch.inputs)
+    for key in ("input_ids", "attention_mask"):
+        inputs[key] = inputs[key].clone()
+        inputs[key][1] = inputs[key][0]
+    with vlmplug.apply(model, method, keep_tokens=2) as h, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = model(**inputs).logits[:, -1].float()
+        assert (ref[0] - ref[1]).abs().max() > 1e-4  # the images differ, so do the rows
+        out = model.generate(**inputs, max_new_tokens=1, num_beams=beams, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        assert h.stats[method]["tokens_kept_per_image"] == [[2]] * (2 * beams)
+    assert (out.logits[0].float()[::beams] - ref).abs().max() <= 1e-5

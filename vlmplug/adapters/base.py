@@ -194,26 +194,27 @@ class Adapter(ABC):
         ids = input_ids.detach().cpu()
         am = attention_mask.detach().cpu() if attention_mask is not None and attention_mask.dim() == 2 else None
         B = ids.shape[0]
-        # generate() repeats rows for beams / num_return_sequences, either after encoding the images once,
-        # before the first forward (recent transformers: a repeated row reuses the previous row's images), or
-        # together with them, encoded inside the forward (5.17: every row has its own). Where the call ran
-        # tells them apart; the number of images it encoded, where known, checks the choice.
-        repeated = [b > 0 and torch.equal(ids[b], ids[b - 1]) and (am is None or torch.equal(am[b], am[b - 1]))
-                    for b in range(B)]
-        if not any(repeated) or (meta is not None and meta.get("encoded_in_forward")):
+        # generate() repeats each row k times for beams / num_return_sequences, either after encoding the images
+        # once, before the first forward (recent transformers: the k copies share the row's images), or together
+        # with them, encoded inside the forward (5.17: every row has its own). Where the call ran tells them
+        # apart; for the first case, the factor k is the one whose layout matches what the call encoded.
+        same = [b > 0 and torch.equal(ids[b], ids[b - 1]) and (am is None or torch.equal(am[b], am[b - 1]))
+                for b in range(B)]
+        if not any(same) or (meta is not None and meta.get("encoded_in_forward")):
             return self._locate(ids, am, meta, sizes, [False] * B)[0]
-        encoded = self.encoded_images(meta)
-        tries = ([False] * B, repeated) if encoded is not None else (repeated, [False] * B)
+        factors = [k for k in range(B, 0, -1)
+                   if B % k == 0 and all(same[b] for b in range(B) if b % k)]  # largest first; 1 always fits
         error = None
-        for reuse in tries:
+        for k in factors:
             try:
-                layout, n = self._locate(ids, am, meta, sizes, reuse)
+                layout, n = self._locate(ids, am, meta, sizes, [b % k != 0 for b in range(B)])
             except LayoutError as e:
                 error = error or e
                 continue
-            if encoded is None or n == encoded:
+            ok = self.matches_encoded(meta, layout, n, B // k)
+            if ok is None or ok:
                 return layout
-            error = error or LayoutError(f"the image tokens hold {n} images, the image-feature call encoded {encoded}")
+            error = error or LayoutError(f"no repeat of the batch's rows matches the images the image-feature call encoded")
         raise error
 
     def _locate(self, ids, am, meta, sizes, reuse: list[bool]) -> tuple[Layout, int]:
@@ -238,6 +239,12 @@ class Adapter(ABC):
                     self.to_original(im, tuple(int(x) for x in sz))
             samples.append(SampleLayout(images=images, seq_len=L, first_real=first, last_real=last))
         return Layout(samples), counter.i
+
+    def matches_encoded(self, meta: ImageMeta | None, layout: Layout, n_images: int, rows: int) -> bool | None:
+        """Whether a layout of `n_images` distinct images over `rows` distinct rows is what the image-feature call
+        encoded (None: its arguments do not tell)."""
+        encoded = self.encoded_images(meta)
+        return None if encoded is None else n_images == encoded
 
     def encoded_images(self, meta: ImageMeta | None) -> int | None:
         """How many images the image-feature call encoded, where its arguments tell (None: unknown)."""

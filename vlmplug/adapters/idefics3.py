@@ -22,6 +22,11 @@ class Idefics3Adapter(Adapter):
         side = (int(v.image_size) // int(v.patch_size)) // int(self.config.scale_factor)
         return side, side * side
 
+    def matches_encoded(self, meta, layout, n_images, rows):
+        # pixel_values are [rows, images per row (padded), C, H, W] over the distinct rows
+        shape = meta.get("pixel_shape") if meta is not None else None
+        return None if not shape or len(shape) != 5 else int(shape[0]) == rows
+
     def locate_sample(self, ids, pos, meta, counter):
         side, n = self._tile_tokens()
         T = float(self.config.vision_config.image_size)

@@ -11,6 +11,19 @@ from .base import Adapter, runs
 
 @register_adapter("internvl")
 class InternVLAdapter(Adapter):
+    def matches_encoded(self, meta, layout, n_images, rows):
+        # pixel_values hold one 448-px tile per image_seq_length tokens, over the distinct images
+        shape = meta.get("pixel_shape") if meta is not None else None
+        if not shape:
+            return None
+        n, seen, tiles = int(self.config.image_seq_length), set(), 0
+        for s in layout.samples:
+            for im in s.images:
+                if im.index not in seen:
+                    seen.add(im.index)
+                    tiles += int(im.positions.numel()) // n
+        return tiles == int(shape[0])
+
     def locate_sample(self, ids, pos, meta, counter):
         n = int(self.config.image_seq_length)
         S = self.config.vision_config.image_size
