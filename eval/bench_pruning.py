@@ -153,16 +153,8 @@ def main(argv=None) -> int:
     from vlmplug.testing import shapes
 
     dtype = getattr(torch, args.dtype)
-    if args.vision_layers is None:
-        args.vision_layers = 24 if args.arch == "llava15" else 32
-    if args.arch == "llava15":
-        cfg = shapes.llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
-        inputs = shapes.llava_prompt(cfg, device=args.device)
-        image_id = cfg.image_token_index
-    else:
-        cfg = shapes.qwen2vl_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
-        inputs = shapes.qwen2vl_prompt(cfg, device=args.device)
-        image_id = cfg.image_token_id
+    cfg, inputs, image_id = shapes.arch_setup(args.arch, args.text_layers, args.vision_layers, device=args.device)
+    args.vision_layers = cfg.vision_config.num_hidden_layers if args.arch == "llava15" else cfg.vision_config.depth
     model = shapes.build_random(cfg, dtype=dtype, device=args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     L = int(inputs["input_ids"].shape[1])

@@ -39,18 +39,15 @@ def main(argv=None) -> int:
     from vlmplug.testing import shapes
 
     dtype = getattr(torch, args.dtype)
-    if args.vision_layers is None:
-        args.vision_layers = 24 if args.arch == "llava15" else 32
     # text layers are unused (the tower is timed): one keeps the build short
+    cfg, prompt, _ = shapes.arch_setup(args.arch, 1, args.vision_layers, device=args.device)
+    image_kw = {"pixel_values": prompt["pixel_values"].to(dtype)}
     if args.arch == "llava15":
-        cfg = shapes.llava15_config(text_layers=1, vision_layers=args.vision_layers)
-        prompt = shapes.llava_prompt(cfg, device=args.device)
-        image_kw = {"pixel_values": prompt["pixel_values"].to(dtype)}
+        args.vision_layers = cfg.vision_config.num_hidden_layers
         tower = "CLIP ViT-L/14-336 shapes, 576 patches"
     else:
-        cfg = shapes.qwen2vl_config(text_layers=1, vision_layers=args.vision_layers)
-        prompt = shapes.qwen2vl_prompt(cfg, device=args.device)
-        image_kw = {"pixel_values": prompt["pixel_values"].to(dtype), "image_grid_thw": prompt["image_grid_thw"]}
+        args.vision_layers = cfg.vision_config.depth
+        image_kw["image_grid_thw"] = prompt["image_grid_thw"]
         tower = "Qwen2-VL-7B ViT shapes, 2304 patches"
     model = shapes.build_random(cfg, dtype=dtype, device=args.device)
     base = model.base_model

@@ -76,6 +76,8 @@ class Adapter(ABC):
     min_drop_layer = 1
     #: leading decoder layers that receive image features besides the embeddings (Qwen3-VL's DeepStack)
     feature_layers = 0
+    #: pixel_values' first dimension counts images (one tensor per image, as LLaVA-1.5 and Gemma 3 feed it)
+    pixel_values_per_image = False
 
     def __init__(self, model: nn.Module, processor: Any = None):
         self.model = model
@@ -214,7 +216,7 @@ class Adapter(ABC):
             ok = self.matches_encoded(meta, layout, n, B // k)
             if ok is None or ok:
                 return layout
-            error = error or LayoutError(f"no repeat of the batch's rows matches the images the image-feature call encoded")
+            error = error or LayoutError("no repeat of the batch's rows matches the images the image-feature call encoded")
         raise error
 
     def _locate(self, ids, am, meta, sizes, reuse: list[bool]) -> tuple[Layout, int]:
@@ -250,9 +252,6 @@ class Adapter(ABC):
         """How many images the image-feature call encoded, where its arguments tell (None: unknown)."""
         shape = meta.get("pixel_shape") if meta is not None else None
         return int(shape[0]) if self.pixel_values_per_image and shape else None
-
-    # pixel_values' first dimension counts images (one tensor per image, as LLaVA-1.5 and Gemma 3 feed it)
-    pixel_values_per_image = False
 
     @abstractmethod
     def locate_sample(self, ids: torch.Tensor, pos: torch.Tensor, meta: ImageMeta | None, counter: "_ImageCounter") -> list[ImageLayout]:

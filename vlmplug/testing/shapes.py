@@ -59,6 +59,21 @@ def qwen2vl_prompt(config, grid: int = 48, text_before: int = 16, text_after: in
             "image_grid_thw": torch.tensor([[1, grid, grid]], device=device), "mm_token_type_ids": mm.to(device)}
 
 
+ARCHS = ("llava15", "qwen2vl")
+
+
+def arch_setup(arch: str, text_layers: int, vision_layers: int | None = None, device="cpu"):
+    """(config, prompt inputs, image token id) of a named benchmark architecture; vision_layers defaults to the
+    real depth (24 for LLaVA-1.5's CLIP-L/336, 32 for Qwen2-VL's ViT)."""
+    if arch == "llava15":
+        cfg = llava15_config(text_layers=text_layers, vision_layers=24 if vision_layers is None else vision_layers)
+        return cfg, llava_prompt(cfg, device=device), cfg.image_token_index
+    if arch == "qwen2vl":
+        cfg = qwen2vl_config(text_layers=text_layers, vision_layers=32 if vision_layers is None else vision_layers)
+        return cfg, qwen2vl_prompt(cfg, device=device), cfg.image_token_id
+    raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+
+
 def build_random(config, dtype=torch.float32, device="cpu", seed: int = 0):
     """Instantiate with random weights quickly (small normal init, no per-module init passes)."""
     from transformers import AutoModelForImageTextToText
