@@ -282,6 +282,12 @@ def test_unsupported_families_say_so():
         with pytest.raises(vlmplug.MethodConfigError, match=f"{meth}: scoring vision-tower patches is not implemented for 'llava'"):
             vlmplug.apply(model, meth)
     assert "_vlmplug_handle" not in vars(model)
+    # a projector fed by the embeddings (feature layer before the first attention layer): nothing to score
+    model.config.vision_feature_layer = -(model.config.vision_config.num_hidden_layers + 1)
+    for meth in ("hiprune", "visionzip", "flowcut"):
+        with pytest.raises(vlmplug.MethodConfigError, match=f"{meth}: the projector reads the vision embeddings"):
+            vlmplug.apply(model, meth, **({"object_layer": 1} if meth == "hiprune" else {}))
+    assert "_vlmplug_handle" not in vars(model)
 
 
 @pytest.mark.parametrize("fam", HIPRUNE_FAMS + ["llava_next", "llava_onevision"])

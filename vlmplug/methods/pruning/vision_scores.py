@@ -32,6 +32,11 @@ class VisionScores:
                 f"{self.name}: scoring vision-tower patches is not implemented for {adapter.config.model_type!r} yet; "
                 f"supported: {ok}"
             )
+        if grid.feature_layer < 0:
+            raise MethodConfigError(
+                f"{self.name}: the projector reads the vision embeddings (vision_feature_layer points before the "
+                f"tower's first attention layer), so no vision attention exists to score patches by"
+            )
         self._grid = grid
         resolved = {}
         for li, mode in layers.items():
