@@ -34,6 +34,8 @@ import time
 
 import torch
 
+from vlmplug.compat import with_cache
+
 DEFAULT_METHODS = ("fastv", "visionzip", "hiprune", "flowcut", "cluster", "plphp")
 
 
@@ -85,7 +87,7 @@ def measure(model, inputs, args, timers) -> dict:
     _sync(args.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
     _sync(args.device)
     total = time.perf_counter() - t0
     r = {"total": total, "vision": timers.t.get("vision", 0.0), "llm": timers.t["llm"], "layers": timers.layers()}
@@ -101,7 +103,7 @@ def measure(model, inputs, args, timers) -> dict:
         with torch.inference_mode():
             # Qwen2-VL derives decode positions from a mask over the whole sequence; without padding it needs none
             extra = {} if "image_grid_thw" in inputs else {"attention_mask": am}
-            o = model(input_ids=tok, past_key_values=cache, use_cache=True, **extra)
+            o = model(input_ids=tok, **with_cache(model, cache), use_cache=True, **extra)
         _sync(args.device)
         steps.append(time.perf_counter() - t)
         tok = o.logits[:, -1:].argmax(-1)
@@ -118,7 +120,7 @@ def measure_short(model, n, args, timers, dtype) -> tuple[list[float], float]:
     x = (torch.randn(1, n, model.config.text_config.hidden_size, generator=g) * 0.02).to(args.device, dtype)
     timers.reset()
     with torch.inference_mode():
-        lm(inputs_embeds=x, past_key_values=DynamicCache(config=model.config.get_text_config(decoder=True)), use_cache=True)
+        lm(inputs_embeds=x, **with_cache(lm, DynamicCache(config=model.config.get_text_config(decoder=True))), use_cache=True)
     return timers.layers(), timers.t["llm"]
 
 

@@ -10,6 +10,7 @@ import vlmplug
 from conftest import tiny
 from reference import eager_kernel, masked_eager_attention, register_reference
 from vlmplug.backend.plan import LayerPlan, Probe, Redistribute
+from vlmplug.compat import output_cache
 from vlmplug.methods.base import Method
 from vlmplug.testing.tiny import make_batch
 
@@ -137,7 +138,7 @@ def test_drop_matches_masked_eager(fam):
     with vlmplug.apply(model, m) as h, torch.no_grad():
         out = model(**batch.inputs).logits
         g = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        cache = g.past_key_values
+        cache = output_cache(g)
         lens = [cache.layers[i].keys.shape[2] for i in range(len(cache.layers))]
     L = batch.inputs["input_ids"].shape[1]
     n_drop = int(m.dropped[0].sum())
@@ -181,7 +182,7 @@ def test_kv_prune_matches_masked_eager(fam):
     m = KVPrune(keep=6)
     with vlmplug.apply(model, m), torch.no_grad():
         g = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        lens = [layer.keys.shape[2] for layer in g.past_key_values.layers]
+        lens = [layer.keys.shape[2] for layer in output_cache(g).layers]
     L = batch.inputs["input_ids"].shape[1]
     assert lens == [L + 3, 6 + 3]
     register_reference("refkv", masked_eager_attention(kv_drop={1: m.dropped}))

@@ -11,6 +11,7 @@ from transformers.cache_utils import DynamicLayer
 
 import vlmplug
 from conftest import tiny
+from vlmplug.compat import with_cache
 from vlmplug.testing.tiny import make_batch
 
 # first decoder layer that may lack the dropped tokens: Gemma 3's layer 0 slides, Qwen3-VL's tiny config
@@ -53,7 +54,7 @@ def test_layer_lengths_cache_and_equivalent_paths(family):
         seen, hooks = _spy_lengths(model)
         try:
             cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-            out = model(**batch.inputs, past_key_values=cache, use_cache=True)
+            out = model(**batch.inputs, **with_cache(model, cache), use_cache=True)
         finally:
             for hk in hooks:
                 hk.remove()
@@ -70,11 +71,11 @@ def test_layer_lengths_cache_and_equivalent_paths(family):
         no_cache = model(**batch.inputs, use_cache=False)
         assert (no_cache.logits - out.logits).abs().max() <= 1e-5
         fallback_cache = _other_cache(model)
-        fallback = model(**batch.inputs, past_key_values=fallback_cache, use_cache=True)
+        fallback = model(**batch.inputs, **with_cache(model, fallback_cache), use_cache=True)
         assert (fallback.logits - out.logits).abs().max() <= 1e-5
         assert fallback_cache.layers[0].keys.shape[2] == L
         g = model.generate(**batch.inputs, **GEN)
-        gf = model.generate(**batch.inputs, past_key_values=_other_cache(model), **GEN)
+        gf = model.generate(**batch.inputs, **with_cache(model, _other_cache(model)), **GEN)
     assert torch.equal(g.sequences, gf.sequences)
     for a, b in zip(g.logits, gf.logits):
         assert (a - b).abs().max() <= 1e-4
@@ -86,7 +87,7 @@ def test_stats_count_the_padded_layer(fam):
     batch = make_batch(fam, model, (1, 2))
     with vlmplug.apply(model, "cluster", keep_tokens=2) as h, torch.no_grad():
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        model(**batch.inputs, past_key_values=cache, use_cache=True)
+        model(**batch.inputs, **with_cache(model, cache), use_cache=True)
         st = h.stats["cluster"]
         real = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     L, Lk = batch.inputs["input_ids"].shape[1], int(h.session.keep.shape[1])
@@ -109,7 +110,7 @@ def test_generate_with_a_cache_built_without_config_takes_the_padded_path(fam):
     batch = make_batch(fam, model, (1, 2))
     with vlmplug.apply(model, "cluster", keep_tokens=2) as h, torch.no_grad():
         cache = DynamicCache()
-        out = model.generate(**batch.inputs, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        out = model.generate(**batch.inputs, **with_cache(model, cache), max_new_tokens=3, do_sample=False)
         assert h.session.drop_layer == 0
         Lk = int(h.session.keep.shape[1])
     total = out.shape[1] - 1  # the last token was never fed back

@@ -1,6 +1,7 @@
 """Benchmark shapes: deepen_shared gives real depth with one layer's weights, and the model still runs."""
 import torch
 
+from vlmplug.compat import output_cache
 from vlmplug.testing.shapes import build_random, deepen_shared, llava15_config, llava_prompt
 
 
@@ -23,7 +24,7 @@ def test_deepen_shared_runs_full_depth_with_one_layer_of_weights():
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     hook.remove()
-    assert len(out.past_key_values.layers) == 5 and len(calls) == 2
+    assert len(output_cache(out).layers) == 5 and len(calls) == 2
 
 
 def test_qwen2vl_prompt_fits_its_config():

@@ -6,7 +6,14 @@
     h.remove()
 """
 from .api import Handle, apply, available_methods, supported_models
-from .errors import AlreadyAppliedError, LayoutError, MethodConfigError, UnsupportedModelError, VlmplugError
+from .errors import (
+    AlreadyAppliedError,
+    LayoutError,
+    MethodConfigError,
+    TransformersMismatchError,
+    UnsupportedModelError,
+    VlmplugError,
+)
 
 __version__ = "0.1.0"
 
@@ -19,6 +26,7 @@ __all__ = [
     "MethodConfigError",
     "AlreadyAppliedError",
     "LayoutError",
+    "TransformersMismatchError",
     "VlmplugError",
     "load",
     "generate",

@@ -19,3 +19,9 @@ class AlreadyAppliedError(VlmplugError, RuntimeError):
 
 class LayoutError(VlmplugError, ValueError):
     """Image tokens in the input do not match what the model's configuration implies."""
+
+
+class TransformersMismatchError(VlmplugError, RuntimeError):
+    """The running transformers passed something vlmplug could not read, or a method's hook did not act.
+
+    Raised during a forward instead of returning an answer that silently lacks the method's effect."""

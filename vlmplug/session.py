@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compat
 from .adapters.base import Adapter, ImageMeta
 from .backend.attention import IMPL_NAME, register_backend
 from .backend.kernels import fast_kernel
 from .backend.plan import LayerPlan
-from .errors import LayoutError, MethodConfigError
+from .errors import LayoutError, MethodConfigError, TransformersMismatchError
 from .layout import Layout
 
 
@@ -86,6 +87,9 @@ class Session:
         self.pending_sizes = None
         self.sizes = None
         self.static_cache = False
+        self.has_cache = False  # the base model's forward received a KV cache
+        self.effects: set = set()  # what the backend and hooks did in this forward (see `verify_forward`)
+        self._text_calls: set[int] = set()  # decoder layers whose attention reached the backend this forward
         self._layout: Layout | None = None
         self._layout_done = False
         self.keep: torch.Tensor | None = None  # [B, L'] logical positions kept after `drop_layer`
@@ -242,7 +246,7 @@ class Session:
     # ------------------------------------------------------------ forward
     def _on_base_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        pkv = kwargs.get("past_key_values")
+        pkv = compat.find_cache(kwargs, f"{type(module).__name__}.forward")
         past = int(pkv.get_seq_length()) if pkv is not None and hasattr(pkv, "get_seq_length") else 0
         q_len = None
         if ids is not None:
@@ -250,6 +254,8 @@ class Session:
         elif kwargs.get("inputs_embeds") is not None:
             q_len = kwargs["inputs_embeds"].shape[1]
         self.forward_index += 1
+        self.has_cache = pkv is not None
+        self.effects, self._text_calls = set(), set()
         self.static_cache = bool(getattr(pkv, "is_compileable", False))
         if self.static_cache and any(getattr(m, "drop_layer", None) is not None or getattr(m, "kv_prune_layers", None)
                                      for m in self.methods):
@@ -282,7 +288,33 @@ class Session:
 
     def _after_base_forward(self, module, args, output):
         self._in_forward = False
+        self.verify_forward()
         return None
+
+    def verify_forward(self) -> None:
+        """Fail loudly when a hook missed: every decoder layer's attention must have reached the backend, and after
+        an image-bearing prefill every method must have done what it states (`Method.verify`). A miss means the
+        running transformers called or named something differently from the releases vlmplug was tested on."""
+        n = self.adapter.num_layers
+        if len(self._text_calls) < n:
+            missed = sorted(set(range(n)) - self._text_calls)
+            raise TransformersMismatchError(
+                f"vlmplug: the attention of decoder layers {missed} did not run through vlmplug's attention function "
+                f"(the model's text config no longer dispatches to {IMPL_NAME!r}), so {[m.name for m in self.methods]} "
+                f"did not act; {compat.version_note()}. Do not change the attention implementation of a patched model; "
+                f"remove the handle first."
+            )
+        if self.phase != "prefill":
+            return
+        lay = self.layout
+        if lay is None or not any(s.images for s in lay.samples):
+            return
+        problems = [msg for m in self.methods if (msg := m.verify(self))]
+        if problems:
+            raise TransformersMismatchError(
+                "vlmplug: " + "; ".join(problems) + f". The model's answer would lack the method's effect; "
+                f"{compat.version_note()}."
+            )
 
     @property
     def layout(self) -> Layout | None:
@@ -362,6 +394,15 @@ class Session:
             ctx = LayerContext(self, int(getattr(module, "_vlmplug_vision_idx", 0)), True, self.phase, B, Lq,
                                key.shape[2], Hq, key.shape[1], None, None, query.device)
         else:
+            li = int(module.layer_idx)
+            self._text_calls.add(li)
+            if self.phase == "prefill" and not self.static_cache and key.shape[2] != Lq:
+                raise TransformersMismatchError(
+                    f"vlmplug read this forward as a prefill (no filled KV cache among its arguments), but decoder "
+                    f"layer {li} attends to {key.shape[2] - Lq} cached tokens: the cache reached the model under a "
+                    f"name vlmplug did not read, and every method would act on the wrong tokens; "
+                    f"{compat.version_note()}"
+                )
             q_pos, k_pos = self._positions(module, B, Lq, key)
             ctx = LayerContext(self, int(module.layer_idx), False, self.phase, B, Lq, key.shape[2], Hq, key.shape[1],
                                q_pos, k_pos, query.device)

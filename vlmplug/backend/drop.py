@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MethodConfigError
+from .. import compat
+from ..errors import MethodConfigError, TransformersMismatchError
 
 
 def _gather_seq(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -93,8 +94,12 @@ def _pad_cache_hook(session):
     def hook(module, args, kwargs, output):
         if session.phase != "prefill" or session.keep is None or session.drop_layer != 0:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = compat.find_cache(kwargs, "decoder layer 0")
         if cache is None:
+            if session.has_cache:
+                raise TransformersMismatchError(
+                    "vlmplug: decoder layer 0 got no KV cache although the model's forward had one, so its cache "
+                    f"could not be padded back to the prompt's length after token dropping; {compat.version_note()}")
             return None
         layer = cache.layers[0]
         if type(layer) is not DynamicLayer:
@@ -126,6 +131,7 @@ def _select(session, hs, K):
             else:
                 dead = None
             session.keep, session.dead = keep, dead
+            session.effects.add(("keep", m.name))
             hidden = torch.ones(keep.shape[0], hs.shape[1], dtype=torch.bool)
             alive = keep if dead is None else keep.masked_fill(dead, -1)
             for b in range(keep.shape[0]):
@@ -140,17 +146,17 @@ def _mask_only(session, kwargs, hs, decode: bool):
     if hidden is None:
         return None
     B, q = hs.shape[0], hs.shape[1]
-    m = kwargs.get("attention_mask")
+    m = compat.read(kwargs, "attention_mask")
     if decode:
         if not (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] == session.logical_len):
             m = session.logical_mask(B, q, hs.device)
         tail = torch.zeros(B, session.logical_len - hidden.shape[1], dtype=torch.bool)
-        kwargs["attention_mask"] = _hide_dead(m, torch.cat([hidden, tail], 1), None)
+        compat.write(kwargs, "attention_mask", _hide_dead(m, torch.cat([hidden, tail], 1), None))
         return kwargs
     if not (isinstance(m, torch.Tensor) and m.dim() == 4):
         pos = torch.arange(q, device=hs.device)
         m = (pos[:, None] >= pos[None, :])[None, None].expand(B, 1, q, q)
-    kwargs["attention_mask"] = _hide_dead(m, hidden, hidden)
+    compat.write(kwargs, "attention_mask", _hide_dead(m, hidden, hidden))
     return kwargs
 
 
@@ -168,16 +174,17 @@ def _hide_dead(m: torch.Tensor, dead_kv: torch.Tensor, q_dead: torch.Tensor | No
 
 def _make_hook(session, li: int, K: int, start: int):
     def hook(module, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
+        hs = args[0] if args else compat.read(kwargs, "hidden_states")
         if session.phase == "prefill":
             if li == start:
                 session.drop_layer, session.cache_cut = K, K
                 _select(session, hs, K)
-                if K == 0 and session.keep is not None and not _paddable(kwargs.get("past_key_values")):
+                cache = compat.find_cache(kwargs, f"decoder layer {li}")
+                if K == 0 and session.keep is not None and not _paddable(cache):
                     if len(session.adapter.decoder_layers()) < 2:
                         raise MethodConfigError(
                             f"pre-LLM token selection on a one-layer model needs a plain DynamicCache; got "
-                            f"{type(kwargs.get('past_key_values')).__name__} (pass use_cache=False or the default cache)")
+                            f"{type(cache).__name__} (pass use_cache=False or the default cache)")
                     session.drop_layer, session.cache_cut = 1, 1  # this cache: hide them at layer 0 instead
             cut = session.drop_layer
             if li < cut:
@@ -188,15 +195,16 @@ def _make_hook(session, li: int, K: int, start: int):
                 return None
             keep = keep.to(hs.device)
             if li == cut:
+                session.effects.add("drop")
                 hs = _gather_seq(hs, keep, 1)
                 if args:
                     args = (hs,) + tuple(args[1:])
                 else:
-                    kwargs["hidden_states"] = hs
-            pe = kwargs.get("position_embeddings")
+                    compat.write(kwargs, "hidden_states", hs)
+            pe = compat.read(kwargs, "position_embeddings")
             if isinstance(pe, tuple):
-                kwargs["position_embeddings"] = tuple(_gather_seq(t, keep, 1) for t in pe)
-            m = kwargs.get("attention_mask")
+                compat.write(kwargs, "position_embeddings", tuple(_gather_seq(t, keep, 1) for t in pe))
+            m = compat.read(kwargs, "attention_mask")
             if isinstance(m, torch.Tensor) and m.dim() == 4:
                 m = _gather_seq(_gather_seq(m, keep, 2), keep, 3)
             elif dead is not None:  # no mask was needed before; now dead slots must be hidden
@@ -204,10 +212,10 @@ def _make_hook(session, li: int, K: int, start: int):
             if dead is not None:
                 m = _hide_dead(m, dead, dead)
             if m is not None:
-                kwargs["attention_mask"] = m
-            pid = kwargs.get("position_ids")
+                compat.write(kwargs, "attention_mask", m)
+            pid = compat.read(kwargs, "position_ids")
             if isinstance(pid, torch.Tensor) and pid.dim() == 2:
-                kwargs["position_ids"] = _gather_seq(pid, keep, 1)
+                compat.write(kwargs, "position_ids", _gather_seq(pid, keep, 1))
             return args, kwargs
         if li < session.cache_cut:
             out = _mask_only(session, kwargs, hs, decode=True)
@@ -215,7 +223,7 @@ def _make_hook(session, li: int, K: int, start: int):
         keep, dead = session.keep, session.dead
         if keep is None:
             return None
-        m = kwargs.get("attention_mask")
+        m = compat.read(kwargs, "attention_mask")
         B, q, S = keep.shape[0], hs.shape[1], session.logical_len
         if (m is None and dead is not None) or (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] != S):
             # Hybrid models size some decode masks by a pruned or sliding cache: rebuild the logical
@@ -227,7 +235,7 @@ def _make_hook(session, li: int, K: int, start: int):
             m = _gather_seq(m, kv, 3)
             if dead is not None:
                 m = _hide_dead(m, torch.cat([dead.to(m.device), torch.zeros(B, tail.numel(), dtype=torch.bool, device=m.device)], 1), None)
-            kwargs["attention_mask"] = m
+            compat.write(kwargs, "attention_mask", m)
             return args, kwargs
         return None
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MethodConfigError
+from .. import compat
+from ..errors import MethodConfigError, TransformersMismatchError
 
 
 def install_kv_hooks(session) -> list:
@@ -32,8 +33,13 @@ def _make_hook(session, li: int):
     def hook(module, args, kwargs, output):
         if session.phase != "prefill":
             return None
-        cache = kwargs.get("past_key_values")
+        cache = compat.find_cache(kwargs, f"the attention of decoder layer {li}")
         if cache is None:
+            session.effects.add(("kv-no-cache", li))
+            if session.has_cache:
+                raise TransformersMismatchError(
+                    f"vlmplug: the attention of decoder layer {li} got no KV cache although the model's forward had "
+                    f"one, so its cache could not be pruned; {compat.version_note()}")
             return None
         keep = None
         for m in session.methods:
@@ -53,6 +59,7 @@ def _make_hook(session, li: int):
         layer.keys = torch.gather(layer.keys, 2, idx[..., None].expand(B, H, S, D))
         layer.values = torch.gather(layer.values, 2, idx[..., None].expand(B, H, S, layer.values.shape[-1]))
         session.kv_index[li] = idx.cpu()
+        session.effects.add(("kv", li))
         if dead is not None:
             session.kv_dead[li] = dead
         return None

@@ -2,7 +2,8 @@
 
 A method never touches model tensors. The session calls, per forward, `begin_forward`; per attention
 call, `layer_plan` (text) or `vision_plan` (vision tower) which return a `LayerPlan` or None; when the
-method drops tokens, `tokens_to_keep` at its `drop_layer`; when it prunes the KV cache, `kv_keep`.
+method drops tokens, `tokens_to_keep` at its `drop_layer`; when it prunes the KV cache, `kv_keep`. After
+an image-bearing prefill, `verify` says whether the method did what it states; a miss raises.
 """
 from __future__ import annotations
 
@@ -66,6 +67,25 @@ class Method:
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+    def verify(self, session) -> str | None:
+        """After an image-bearing prefill: None if the method did what it states, else what it expected and did
+        not see (the session raises with it). Dropping methods must have chosen tokens and removed them; KV-pruning
+        methods must have pruned each of their layers' caches (or run without a cache)."""
+        fx = session.effects
+        if self.drop_layer is not None:
+            if ("keep", self.name) not in fx:
+                return (f"{self.name} chose no tokens to keep before decoder layer {self.drop_layer} in this prefill "
+                        "(the hook there did not run, or the scores it needs were never computed)")
+            if "drop" not in fx:
+                return f"{self.name} expected image tokens removed before decoder layer {session.drop_layer}; none were"
+        if self.kv_prune_layers:
+            n = session.adapter.num_layers
+            missed = [li % n for li in self.kv_prune_layers
+                      if ("kv", li % n) not in fx and ("kv-no-cache", li % n) not in fx]
+            if missed:
+                return f"{self.name} expected the KV cache of decoder layers {missed} pruned; it was not"
+        return None
 
     # ------------------------------------------------------------ helpers
     @classmethod

@@ -48,9 +48,11 @@ class Record(Method):
         super().attach(session)
         self._pending = {}
         self._pending_layout = None
+        self._planned = set()
 
     def begin_forward(self, session):
         self.end_of_forward()  # the previous forward's rows become the latest maps
+        self._planned = set()
 
     # ------------------------------------------------------------------
     def _select(self, ctx) -> torch.Tensor | None:
@@ -81,6 +83,7 @@ class Record(Method):
             return None
         li, k_pos, L = ctx.layer_idx, ctx.k_pos, ctx.session.logical_len
         self._pending_layout = ctx.layout
+        self._planned.add(li)
 
         def store(probs, counts):
             H = probs.shape[1]
@@ -133,3 +136,11 @@ class Record(Method):
 
     def stats(self):
         return {"recorded_layers": self.recorded_layers}
+
+    def verify(self, session):
+        missed = sorted(self._planned - set(self._pending))
+        if self.queries == "last":  # every sample with an image has a last token: every layer must record
+            missed = sorted(set(missed) | (set(self._layer_list) - set(self._pending)))
+        if missed:
+            return f"record expected attention maps of decoder layers {missed}; none were recorded"
+        return None

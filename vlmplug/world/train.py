@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import compat
 from . import scenes as S
 from .model import IMAGE_SIZE, NUM_IMAGE_TOKENS, PATCH_SIZE, build_model, build_processor, weights_dir
 
@@ -543,7 +544,7 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
         batch, aux, sup = make_batch(enc, rng, progress, cfg)
         outputs = model(**batch, output_attentions=bool(cfg.attn_weight))
         lm_loss = outputs.loss
-        img = outputs.image_hidden_states.reshape(len(batch["input_ids"]), NUM_IMAGE_TOKENS, hidden)
+        img = compat.projected_image_features(outputs).reshape(len(batch["input_ids"]), NUM_IMAGE_TOKENS, hidden)
         logits = aux_head(img)
         ls, lc, lz, lr_, lcol = logits.split([n_shape, n_color, n_shape, GRID, GRID], dim=-1)
         ce = torch.nn.functional.cross_entropy
