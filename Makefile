@@ -3,16 +3,19 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Exact versions of everything `make test` installs; pyproject.toml keeps the ranges users get.
+LOCK := requirements/lock.txt
 # The CPU wheel of torch is installed first and exactly, so nothing later pulls CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
+PYTEST := HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -p no:cacheprovider
 
-.PHONY: install run test test-compat bench clean
+.PHONY: install run test test-compat test-latest lock bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "$(TORCH_SPEC)"
-	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"
+	$(VPY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,7 +24,12 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) -m vlmplug.cli run
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -p no:cacheprovider
+	$(PYTEST)
+
+# Rewrite the lock from the venv (after a deliberate upgrade inside it).
+lock: $(STAMP)
+	{ sed -n '1,2p' $(LOCK); $(VPY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 # The same suite against the oldest supported transformers (installed beside, not into, the venv).
 COMPAT_TF ?= 5.17.0
@@ -31,7 +39,19 @@ $(COMPAT_DIR)/.ok: $(STAMP)
 	touch $@
 
 test-compat: $(COMPAT_DIR)/.ok
-	PYTHONPATH=$(COMPAT_DIR) HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -p no:cacheprovider
+	PYTHONPATH=$(COMPAT_DIR) $(PYTEST)
+
+# The same suite against the newest transformers the registry serves right now (beside the venv, like
+# test-compat): a new release that breaks vlmplug fails here first, not in a user's hands.
+test-latest: $(STAMP)
+	@latest=$$($(VPY) scripts/release_train.py newest) || exit 1; \
+	locked=$$($(VPY) scripts/release_train.py locked); \
+	dir=.compat/transformers-latest-$$latest; \
+	echo "newest transformers on the registry: $$latest (locked: $$locked)"; \
+	if [ ! -f $$dir/.ok ]; then \
+	  $(VPY) -m pip install -q --target $$dir "transformers==$$latest" || exit 1; touch $$dir/.ok; \
+	fi; \
+	PYTHONPATH=$$dir $(PYTEST)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) eval/bench_backend.py
