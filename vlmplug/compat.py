@@ -25,6 +25,9 @@ TESTED_RANGE = ("5.17.0", "5.24.0")
 ROLES: dict[str, tuple[str, ...]] = {
     "cache": ("cache", "past_key_values"),  # 5.24 renamed past_key_values -> cache (deprecated until 5.40)
     "attention_mask": ("attention_mask",),
+    "input_ids": ("input_ids",),
+    "inputs_embeds": ("inputs_embeds",),
+    "pixel_values": ("pixel_values",),
     "position_ids": ("position_ids",),
     "position_embeddings": ("position_embeddings",),
     "hidden_states": ("hidden_states",),

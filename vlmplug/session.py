@@ -245,14 +245,16 @@ class Session:
 
     # ------------------------------------------------------------ forward
     def _on_base_forward(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = compat.read(kwargs, "input_ids")
+        if ids is None and args:
+            ids = args[0]
         pkv = compat.find_cache(kwargs, f"{type(module).__name__}.forward")
         past = int(pkv.get_seq_length()) if pkv is not None and hasattr(pkv, "get_seq_length") else 0
         q_len = None
         if ids is not None:
             q_len = ids.shape[1]
-        elif kwargs.get("inputs_embeds") is not None:
-            q_len = kwargs["inputs_embeds"].shape[1]
+        elif compat.read(kwargs, "inputs_embeds") is not None:
+            q_len = compat.read(kwargs, "inputs_embeds").shape[1]
         self.forward_index += 1
         self.has_cache = pkv is not None
         self.effects, self._text_calls = set(), set()
@@ -267,10 +269,10 @@ class Session:
         if past == 0:
             self.phase = "prefill"
             self.sizes, self.pending_sizes = self.pending_sizes, None  # sizes apply to this prompt only
-            if kwargs.get("pixel_values") is not None:
+            if compat.read(kwargs, "pixel_values") is not None:
                 self.pending_meta = None  # this forward encodes its own images
             self.input_ids = ids
-            am = kwargs.get("attention_mask")
+            am = compat.read(kwargs, "attention_mask")
             self.attention_mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
             self._layout, self._layout_done = None, False
             self.keep, self.dead, self.hidden, self.kv_index, self.kv_dead = None, None, None, {}, {}
