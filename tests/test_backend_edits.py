@@ -258,7 +258,7 @@ class PreDrop(Method):
 
     cut: str = "pre"
 
-    def check(self, adapter):  # "pre": before layer 0 where the model allows; "one": masked layer 0, cut before 1
+    def setup(self, adapter):  # "pre": before layer 0 where the model allows; "one": masked layer 0, cut before 1
         self.drop_layer = adapter.pre_llm_drop_layer if self.cut == "pre" else adapter.min_drop_layer
 
     def tokens_to_keep(self, ctx):

@@ -48,9 +48,9 @@ def test_beam_search_keeps_each_rows_selection(fam, method):
         warnings.simplefilter("error")  # a layout that cannot be located would only warn
         greedy = model.generate(**batch.inputs, max_new_tokens=1, do_sample=False)
         kept_per_image = h.stats[method]["tokens_kept_per_image"]  # max_new_tokens=1: the prefill's stats
-        keep_greedy = h.session.keep.clone()
+        keep_greedy = h.session.state.keep.clone()
         ref, got = _first_step(model, batch.inputs, BEAMS)
-        keep_beams = h.session.keep
+        keep_beams = h.session.state.keep
     assert greedy.shape[0] == len(images)
     assert kept_per_image == [[2] * n for n in images]  # tokens were dropped
     # every beam row keeps what its sample kept alone, and scores what greedy scored

@@ -8,7 +8,7 @@ import torch
 
 import vlmplug
 from conftest import tiny
-from vlmplug.methods.pruning.cluster import Cluster
+from vlmplug.methods.pruning.cluster import Cluster, ClusterRunner
 from vlmplug.testing.tiny import make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False)
@@ -44,15 +44,18 @@ def np_kmeans(x, k, iters):
     return sorted(reps), merged
 
 
-@dataclass
-class SpyCluster(Cluster):
-    seen: list = field(default_factory=list)
+class SpyCluster(ClusterRunner):
+    """The cluster runner, recording each image's features, kept rows and merged features."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seen = []
 
     def select(self, x, image, index, session):
         before = x.detach().clone()
-        rows = super().select(x, image, index, session)
-        self.seen.append((before, rows.clone(), x.detach().clone()))
-        return rows
+        rows, new = super().select(x, image, index, session)
+        self.seen.append((before, rows.clone(), (x if new is None else new).detach().clone()))
+        return rows, new
 
 
 def test_full_budget_is_identity(family):
@@ -68,7 +71,7 @@ def test_full_budget_is_identity(family):
 def test_selection_and_merge_match_numpy_reference(family):
     model = tiny(family)
     batch = make_batch(family, model, (1, 2))
-    m = SpyCluster(keep_ratio=0.5)
+    m = SpyCluster(Cluster(keep_ratio=0.5))
     with vlmplug.apply(model, m) as h, torch.no_grad():
         model.generate(**batch.inputs, **GEN)
         st = h.stats["cluster"]

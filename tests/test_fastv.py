@@ -34,7 +34,7 @@ def _reference_keep(att, inputs, truth, ratio, mode="last"):
 
 
 def _alive_images(h, b):
-    s = h.session
+    s = h.session.state
     keep = s.keep[b]
     if s.dead is not None:
         keep = keep[~s.dead[b]]

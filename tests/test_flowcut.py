@@ -156,7 +156,7 @@ class RefFlowCut:
 
 
 def _alive(h, b):
-    s = h.session
+    s = h.session.state
     return s.keep[b] if s.dead is None else s.keep[b][~s.dead[b]]
 
 

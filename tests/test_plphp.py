@@ -50,8 +50,8 @@ def test_kept_heads_match_reference_and_decode_matches_masked_eager(fam):
     ref = _reference(att[1], batch.inputs, batch.truth, 0.5, 0.25, 0.5, 0.2, hkv)
     with vlmplug.apply(model, "plphp", **kw) as h, torch.no_grad():
         g = model.generate(**batch.inputs, **GEN)
-        idx = h.session.kv_index[1]
-        dead = h.session.kv_dead.get(1)
+        idx = h.session.state.kv_index[1]
+        dead = h.session.state.kv_dead.get(1)
         layout = h.layout
         st = h.stats["plphp"]
     L = batch.inputs["input_ids"].shape[1]

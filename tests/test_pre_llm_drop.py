@@ -58,7 +58,7 @@ def test_layer_lengths_cache_and_equivalent_paths(family):
         finally:
             for hk in hooks:
                 hk.remove()
-        Lk = int(h.session.keep.shape[1])
+        Lk = int(h.session.state.keep.shape[1])
         assert Lk < L
         assert [seen[i] for i in sorted(seen)] == [L] * cut + [Lk] * (len(seen) - cut)
         # layer 0 holds the logical length (what generate() reads); later pruned layers the kept tokens
@@ -66,7 +66,7 @@ def test_layer_lengths_cache_and_equivalent_paths(family):
         if cut == 0:
             assert cache.layers[0].keys.shape[2] == L and cache.layers[1].keys.shape[2] == Lk
             dropped = torch.ones(2, L, dtype=torch.bool)
-            dropped[torch.arange(2)[:, None], h.session.keep] = False
+            dropped[torch.arange(2)[:, None], h.session.state.keep] = False
             assert torch.all(cache.layers[0].keys.transpose(1, 2)[dropped] == 0)  # padded slots
         no_cache = model(**batch.inputs, use_cache=False)
         assert (no_cache.logits - out.logits).abs().max() <= 1e-5
@@ -90,7 +90,7 @@ def test_stats_count_the_padded_layer(fam):
         model(**batch.inputs, **with_cache(model, cache), use_cache=True)
         st = h.stats["cluster"]
         real = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    L, Lk = batch.inputs["input_ids"].shape[1], int(h.session.keep.shape[1])
+    L, Lk = batch.inputs["input_ids"].shape[1], int(h.session.state.keep.shape[1])
     n = len(cache.layers)
     assert Lk < L and st["tokens_per_layer"] == [Lk] * n
     assert st["kv_cache_bytes"] == real  # layer 0 keeps L slots, the others Lk
@@ -111,8 +111,8 @@ def test_generate_with_a_cache_built_without_config_takes_the_padded_path(fam):
     with vlmplug.apply(model, "cluster", keep_tokens=2) as h, torch.no_grad():
         cache = DynamicCache()
         out = model.generate(**batch.inputs, **with_cache(model, cache), max_new_tokens=3, do_sample=False)
-        assert h.session.drop_layer == 0
-        Lk = int(h.session.keep.shape[1])
+        assert h.session.state.drop_layer == 0
+        Lk = int(h.session.state.keep.shape[1])
     total = out.shape[1] - 1  # the last token was never fed back
     assert cache.layers[0].keys.shape[2] == total
     assert cache.layers[1].keys.shape[2] == Lk + total - batch.inputs["input_ids"].shape[1]

@@ -54,7 +54,7 @@ def test_plphp_leaves_sliding_window_layers_alone(monkeypatch):
     m = PLPHP(start_layer=1, keep_ratio=0.5)
     with vlmplug.apply(model, m) as h, torch.no_grad():
         model.generate(**batch.inputs, **gen)
-        assert m.kv_prune_layers == (2,) and list(h.session.kv_index) == [2]
+        assert h.method("plphp").kv_prune_layers == (2,) and list(h.session.state.kv_index) == [2]
 
 
 @pytest.mark.parametrize("other", [FastV(layer=1), "cluster"])

@@ -110,9 +110,9 @@ def test_dropping_method_whose_drop_hook_misses_raises(fam, monkeypatch):
 def test_vision_side_method_whose_feature_hook_misses_raises(fam, monkeypatch):
     model = tiny(fam)
     batch = make_batch(fam, model, (1,))
-    from vlmplug.session import Session
+    from vlmplug.runtime.features import FeatureInterceptor
 
-    monkeypatch.setattr(Session, "_on_image_features", lambda self, out: out)
+    monkeypatch.setattr(FeatureInterceptor, "apply", lambda self: setattr(self, "_out", None))
     with vlmplug.apply(model, "visionzip", keep_tokens=2), torch.no_grad():
         _raises(lambda: model.generate(**batch.inputs, **GEN), "visionzip", "chose no tokens")
 

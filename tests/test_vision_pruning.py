@@ -119,7 +119,7 @@ def _hiprune_ref(obj, deep, width, k, alpha):
 
 
 def _alive(h, b):
-    s = h.session
+    s = h.session.state
     keep = s.keep[b] if s.dead is None else s.keep[b][~s.dead[b]]
     return keep
 

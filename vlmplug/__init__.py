@@ -17,6 +17,17 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+# every registered method's config class, by its public name (lazily imported)
+_CONFIGS = {
+    "Record": "vlmplug.methods.record",
+    "FastV": "vlmplug.methods.pruning.fastv",
+    "PLPHP": "vlmplug.methods.pruning.plphp",
+    "VisionZip": "vlmplug.methods.pruning.visionzip",
+    "HiPrune": "vlmplug.methods.pruning.hiprune",
+    "FlowCut": "vlmplug.methods.pruning.flowcut",
+    "Cluster": "vlmplug.methods.pruning.cluster",
+}
+
 __all__ = [
     "apply",
     "Handle",
@@ -30,22 +41,30 @@ __all__ = [
     "VlmplugError",
     "load",
     "generate",
-    "Record",
+    "MethodConfig",
+    "Method",
+    "AttentionMaps",
+    "PassMix",
+    "cfg_mix",
+    *_CONFIGS,
 ]
+
+_LAZY = {
+    **_CONFIGS,
+    "MethodConfig": "vlmplug.methods.base",
+    "Method": "vlmplug.methods.base",
+    "AttentionMaps": "vlmplug.results",
+    "PassMix": "vlmplug.guidance",
+    "cfg_mix": "vlmplug.guidance",
+    "load": "vlmplug.loading",
+    "generate": "vlmplug.pipeline",
+}
 
 
 def __getattr__(name):
     # Lazy public names: keep `import vlmplug` free of heavy imports.
-    if name == "Record":
-        from .methods.record import Record
+    if name in _LAZY:
+        import importlib
 
-        return Record
-    if name == "load":
-        from .loading import load
-
-        return load
-    if name == "generate":
-        from .pipeline import generate
-
-        return generate
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vlmplug' has no attribute {name!r}")

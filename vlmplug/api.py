@@ -7,7 +7,7 @@ from torch import nn
 
 from .adapters.base import get_adapter
 from .errors import AlreadyAppliedError, MethodConfigError
-from .methods.base import Method
+from .methods.base import Method, MethodConfig
 from .registry import adapter_registry, method_registry
 
 
@@ -22,6 +22,7 @@ def supported_models() -> list[str]:
 
 
 def _resolve(methods, params: dict[str, Any]) -> list[Method]:
+    """Names and configs -> fresh runners (one per model); a runner given directly is used as it is."""
     reg = method_registry()
     items = list(methods) if isinstance(methods, (list, tuple)) else [methods]
     if not items:
@@ -33,8 +34,12 @@ def _resolve(methods, params: dict[str, Any]) -> list[Method]:
         if isinstance(it, str):
             if it not in reg:
                 raise MethodConfigError(f"unknown method {it!r}; available: {sorted(reg)}")
-            out.append(reg[it].from_params(**params))
+            out.append(reg[it].from_params(**params).build())
+        elif isinstance(it, MethodConfig):
+            out.append(it.build())
         elif isinstance(it, Method):
+            if it.session is not None:
+                raise MethodConfigError(f"the {it.name} runner is attached to another model; apply its config instead")
             out.append(it)
         else:
             raise MethodConfigError(f"a method is a name or a config object, got {type(it).__name__}")
@@ -42,6 +47,22 @@ def _resolve(methods, params: dict[str, Any]) -> list[Method]:
     if len(set(names)) != len(names):
         raise MethodConfigError(f"the same method appears twice in {names}")
     return out
+
+
+def _assign_passes(runners: list[Method], passes: dict[str, Sequence[str]] | None) -> None:
+    """`passes={"fastv": ["cfg"]}`: that method acts only in forwards of those passes (default: every pass)."""
+    names = {m.name for m in runners}
+    for m in runners:
+        m.passes = None
+    for name, labels in (passes or {}).items():
+        if name not in names:
+            raise MethodConfigError(f"passes names {name!r}, which is not applied; applied: {sorted(names)}")
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        if not labels or not all(isinstance(x, str) and x for x in labels):
+            raise MethodConfigError(f"passes[{name!r}] must be one or more pass labels (strings), got {labels!r}")
+        for m in runners:
+            if m.name == name:
+                m.passes = frozenset(labels)
 
 
 class Handle:
@@ -69,10 +90,25 @@ class Handle:
         self.remove()
 
     def method(self, name: str) -> Method:
+        """The runner of an applied method (its runtime state on this model)."""
         for m in self.methods:
             if m.name == name:
                 return m
         raise KeyError(f"method {name!r} is not applied; applied: {[m.name for m in self.methods]}")
+
+    @property
+    def configs(self) -> list[MethodConfig | None]:
+        """The configs the runners were built from (None for a runner given directly)."""
+        return [m.config for m in self.methods]
+
+    def result(self, name: str, **kwargs):
+        """The typed result of an applied method for the latest forward (e.g. `AttentionMaps` for "record")."""
+        return self.method(name).result(**kwargs)
+
+    def pass_(self, label: str):
+        """Context manager: forwards inside run as pass `label`, beside the default pass "main" (their own prompt,
+        layout, kept tokens and caches)."""
+        return self.session.pass_(label)
 
     @property
     def layout(self):
@@ -84,15 +120,18 @@ class Handle:
         self.session.set_image_sizes(sizes)
 
     def image_attention(self, view: str = "main"):
-        """Shortcut to the `record` method's maps (see `Record.image_attention`)."""
-        return self.method("record").image_attention(view)
+        """Shortcut to `result("record").images(view)`: per sample, per image, [layers, heads, rows, cols]."""
+        maps = self.result("record")
+        return [] if maps is None else maps.images(view)
 
     @property
     def stats(self) -> dict[str, Any]:
+        """Per method, what it did in the latest prefill of the main pass; same keys for every method family."""
         lay = self.session.layout
+        st = self.session.state
         out: dict[str, Any] = {
-            "forward_index": self.session.forward_index,
-            "phase": self.session.phase,
+            "forward_index": st.forward_index,
+            "phase": st.phase,
             "images_per_sample": [len(s.images) for s in lay.samples] if lay is not None else None,
         }
         for m in self.methods:
@@ -104,19 +143,23 @@ class Handle:
         return f"Handle({[m.name for m in self.methods]}, {type(self.model).__name__}, {state})"
 
 
-def apply(model: nn.Module, methods, *, replace: bool = False, processor: Any = None, **params) -> Handle:
-    """Patch `model` with one method (by name, with `**params`) or several config objects.
+def apply(model: nn.Module, methods, *, replace: bool = False, processor: Any = None,
+          passes: dict[str, Sequence[str]] | None = None, **params) -> Handle:
+    """Patch `model` with one method (by name, with `**params`) or several configs.
 
+    A config is data: the same config may be applied to several models; each gets its own runner.
     Raises UnsupportedModelError / MethodConfigError / AlreadyAppliedError before touching the model.
     `replace=True` removes an existing handle first. `processor` (optional) lets adapters read the
-    image processor's crop/pad settings for token→pixel boxes.
+    image processor's crop/pad settings for token->pixel boxes. `passes` limits methods to forwards of the
+    named passes (see `Handle.pass_`).
     """
     from .session import Session
 
     adapter = get_adapter(model, processor)
-    resolved = _resolve(methods, params)
-    for m in resolved:
-        m.check(adapter)
+    runners = _resolve(methods, params)
+    _assign_passes(runners, passes)
+    for m in runners:
+        m.setup(adapter)
     old = model.__dict__.get("_vlmplug_handle")
     if old is not None and old.active:
         if not replace:
@@ -124,7 +167,7 @@ def apply(model: nn.Module, methods, *, replace: bool = False, processor: Any = 
                 f"this model already has {old!r}; call .remove() on it or pass replace=True (methods are not stacked silently)"
             )
         old.remove()
-    session = Session(model, adapter, resolved)
+    session = Session(model, adapter, runners)
     try:
         session.install()
     except Exception:

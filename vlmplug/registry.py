@@ -32,11 +32,14 @@ _loaded = {"methods": False, "adapters": False}
 
 
 def register_method(name: str):
-    """Class decorator: register a method config under a lowercase name."""
+    """Class decorator: register a method config under a lowercase name (a name already taken is refused)."""
 
     def deco(cls):
         if name != name.lower():
             raise ValueError(f"method names are lowercase, got {name!r}")
+        old = METHODS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"method name {name!r} is taken by {old.__module__}.{old.__qualname__}; choose another")
         cls.name = name
         METHODS[name] = cls
         return cls

@@ -17,16 +17,16 @@ def vlmplug_attention(module, query, key, value, attention_mask, scaling=None, d
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     session = getattr(module, "_vlmplug_session", None)
-    if session is not None and session.kv_index:
+    if session is not None and session.state.kv_index:
         from .kvprune import per_head_mask
 
         attention_mask = per_head_mask(session, module, attention_mask, query.device, query.shape[2])
     if (
         session is not None and attention_mask is not None and attention_mask.dim() == 4
-        and attention_mask.shape[-1] > key.shape[2] and session.keep is not None
+        and attention_mask.shape[-1] > key.shape[2] and session.state.keep is not None
     ):
         attention_mask = attention_mask[..., -key.shape[2]:]  # a sliding cache after token dropping
-    plan = session.plan_for(module, query, key, attention_mask, kwargs) if session is not None else None
+    plan = session.plan_for(module, query, key, attention_mask, scaling, kwargs) if session is not None else None
     if plan is None or plan.empty:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None:

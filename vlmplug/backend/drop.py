@@ -65,7 +65,7 @@ def install_drop_hooks(session, K: int, start: int | None = None) -> list:
             f"tokens can be dropped before layers {lo}..{len(layers) - 1} of this model, got {K}"
         )
     start = K if start is None else start
-    session.drop_layer, session.select_layer, session.cache_cut = K, start, K
+    session.drop_layer = K
     hooks = [layers[li].register_forward_pre_hook(_make_hook(session, li, K, start), with_kwargs=True)
              for li in range(start, len(layers))]
     if K == 0:
@@ -92,11 +92,12 @@ def _pad_cache_hook(session):
     from transformers.cache_utils import DynamicLayer
 
     def hook(module, args, kwargs, output):
-        if session.phase != "prefill" or session.keep is None or session.drop_layer != 0:
+        st = session.state
+        if st.phase != "prefill" or st.keep is None or st.drop_layer != 0:
             return None
         cache = compat.find_cache(kwargs, "decoder layer 0")
         if cache is None:
-            if session.has_cache:
+            if st.has_cache:
                 raise TransformersMismatchError(
                     "vlmplug: decoder layer 0 got no KV cache although the model's forward had one, so its cache "
                     f"could not be padded back to the prompt's length after token dropping; {compat.version_note()}")
@@ -104,53 +105,55 @@ def _pad_cache_hook(session):
         layer = cache.layers[0]
         if type(layer) is not DynamicLayer:
             raise MethodConfigError(f"vlmplug: expected a DynamicLayer at layer 0 of the KV cache, got {type(layer).__name__}")
-        keep = session.keep.to(layer.keys.device)
-        L = session.hidden.shape[1]
+        keep = st.keep.to(layer.keys.device)
+        L = st.hidden.shape[1]
         for name in ("keys", "values"):
             t = getattr(layer, name)
             B, H, _, D = t.shape
             full = t.new_zeros(B, H, L, D)
             full.scatter_(2, keep[:, None, :, None].expand(B, H, keep.shape[1], D), t)
             setattr(layer, name, full)
-        session.cache_cut = 1  # layer 0 now holds the logical length; dropped slots stay hidden when decoding
+        st.cache_cut = 1  # layer 0 now holds the logical length; dropped slots stay hidden when decoding
         return None
 
     return hook
 
 
 def _select(session, hs, K):
-    session.keep, session.dead, session.hidden = None, None, None
-    for m in session.methods:
-        if getattr(m, "drop_layer", None) == K:
+    st = session.state
+    st.keep, st.dead, st.hidden = None, None, None
+    for m in session.active:
+        if m.drop_layer == K:
             keep = m.tokens_to_keep(session.drop_context(hs))
             if keep is None:
                 continue
             if isinstance(keep, (list, tuple)):
-                pad = ~session.attention_mask.bool().cpu() if session.attention_mask is not None else None
+                pad = ~st.attention_mask.bool().cpu() if st.attention_mask is not None else None
                 keep, dead = equalize([k.cpu() for k in keep], hs.shape[1], pad)
             else:
                 dead = None
-            session.keep, session.dead = keep, dead
-            session.effects.add(("keep", m.name))
+            st.keep, st.dead = keep, dead
+            st.effects.add(("keep", m.name))
             hidden = torch.ones(keep.shape[0], hs.shape[1], dtype=torch.bool)
             alive = keep if dead is None else keep.masked_fill(dead, -1)
             for b in range(keep.shape[0]):
                 a = alive[b][alive[b] >= 0]
                 hidden[b, a] = False
-            session.hidden = hidden
+            st.hidden = hidden
 
 
 def _mask_only(session, kwargs, hs, decode: bool):
     """Layers before K under pre-LLM selection: same length, dropped tokens invisible as keys."""
-    hidden = session.hidden
+    st = session.state
+    hidden = st.hidden
     if hidden is None:
         return None
     B, q = hs.shape[0], hs.shape[1]
     m = compat.read(kwargs, "attention_mask")
     if decode:
-        if not (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] == session.logical_len):
+        if not (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] == st.logical_len):
             m = session.logical_mask(B, q, hs.device)
-        tail = torch.zeros(B, session.logical_len - hidden.shape[1], dtype=torch.bool)
+        tail = torch.zeros(B, st.logical_len - hidden.shape[1], dtype=torch.bool)
         compat.write(kwargs, "attention_mask", _hide_dead(m, torch.cat([hidden, tail], 1), None))
         return kwargs
     if not (isinstance(m, torch.Tensor) and m.dim() == 4):
@@ -175,27 +178,28 @@ def _hide_dead(m: torch.Tensor, dead_kv: torch.Tensor, q_dead: torch.Tensor | No
 def _make_hook(session, li: int, K: int, start: int):
     def hook(module, args, kwargs):
         hs = args[0] if args else compat.read(kwargs, "hidden_states")
-        if session.phase == "prefill":
+        st = session.state
+        if st.phase == "prefill":
             if li == start:
-                session.drop_layer, session.cache_cut = K, K
+                st.drop_layer, st.cache_cut = K, K
                 _select(session, hs, K)
                 cache = compat.find_cache(kwargs, f"decoder layer {li}")
-                if K == 0 and session.keep is not None and not _paddable(cache):
+                if K == 0 and st.keep is not None and not _paddable(cache):
                     if len(session.adapter.decoder_layers()) < 2:
                         raise MethodConfigError(
                             f"pre-LLM token selection on a one-layer model needs a plain DynamicCache; got "
                             f"{type(cache).__name__} (pass use_cache=False or the default cache)")
-                    session.drop_layer, session.cache_cut = 1, 1  # this cache: hide them at layer 0 instead
-            cut = session.drop_layer
+                    st.drop_layer, st.cache_cut = 1, 1  # this cache: hide them at layer 0 instead
+            cut = st.drop_layer
             if li < cut:
                 out = _mask_only(session, kwargs, hs, decode=False)
                 return None if out is None else (args, out)
-            keep, dead = session.keep, session.dead
+            keep, dead = st.keep, st.dead
             if keep is None:
                 return None
             keep = keep.to(hs.device)
             if li == cut:
-                session.effects.add("drop")
+                st.effects.add("drop")
                 hs = _gather_seq(hs, keep, 1)
                 if args:
                     args = (hs,) + tuple(args[1:])
@@ -217,20 +221,20 @@ def _make_hook(session, li: int, K: int, start: int):
             if isinstance(pid, torch.Tensor) and pid.dim() == 2:
                 compat.write(kwargs, "position_ids", _gather_seq(pid, keep, 1))
             return args, kwargs
-        if li < session.cache_cut:
+        if st.cache_cut is None or li < st.cache_cut:
             out = _mask_only(session, kwargs, hs, decode=True)
             return None if out is None else (args, out)
-        keep, dead = session.keep, session.dead
+        keep, dead = st.keep, st.dead
         if keep is None:
             return None
         m = compat.read(kwargs, "attention_mask")
-        B, q, S = keep.shape[0], hs.shape[1], session.logical_len
+        B, q, S = keep.shape[0], hs.shape[1], st.logical_len
         if (m is None and dead is not None) or (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] != S):
             # Hybrid models size some decode masks by a pruned or sliding cache: rebuild the logical
             # padding mask; the backend keeps its last key-length columns for sliding caches.
             m = session.logical_mask(B, q, hs.device)
         if isinstance(m, torch.Tensor) and m.dim() == 4:
-            tail = torch.arange(session.prompt_len, S, device=m.device)
+            tail = torch.arange(st.prompt_len, S, device=m.device)
             kv = torch.cat([keep.to(m.device), tail.expand(B, -1)], dim=1)
             m = _gather_seq(m, kv, 3)
             if dead is not None:

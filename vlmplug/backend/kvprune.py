@@ -16,8 +16,7 @@ from ..errors import MethodConfigError, TransformersMismatchError
 def install_kv_hooks(session) -> list:
     attn = session.adapter.text_attention_modules()
     hooks = []
-    layers = sorted({li % len(attn) for m in session.methods for li in (getattr(m, "kv_prune_layers", ()) or ())})
-    session.kv_dead = {}
+    layers = sorted({li % len(attn) for m in session.methods for li in m.kv_prune_layers})
     if layers and layers[0] == 0:
         raise MethodConfigError("the KV cache of layer 0 cannot be pruned (generate() reads the sequence length from it)")
     types = getattr(session.adapter.text_config, "layer_types", None) or []
@@ -31,37 +30,38 @@ def install_kv_hooks(session) -> list:
 
 def _make_hook(session, li: int):
     def hook(module, args, kwargs, output):
-        if session.phase != "prefill":
+        st = session.state
+        if st.phase != "prefill":
             return None
         cache = compat.find_cache(kwargs, f"the attention of decoder layer {li}")
         if cache is None:
-            session.effects.add(("kv-no-cache", li))
-            if session.has_cache:
+            st.effects.add(("kv-no-cache", li))
+            if st.has_cache:
                 raise TransformersMismatchError(
                     f"vlmplug: the attention of decoder layer {li} got no KV cache although the model's forward had "
                     f"one, so its cache could not be pruned; {compat.version_note()}")
             return None
         keep = None
-        for m in session.methods:
-            if li in [x % session.adapter.num_layers for x in (getattr(m, "kv_prune_layers", ()) or ())]:
+        for m in session.active:
+            if li in [x % session.adapter.num_layers for x in m.kv_prune_layers]:
                 keep = m.kv_keep(session.kv_context(li))
         if keep is None:
             return None
         layer = cache.layers[li]
-        if session.keep is not None and session.drop_layer is not None and li >= session.drop_layer:
+        if st.keep is not None and st.drop_layer is not None and li >= st.drop_layer:
             raise MethodConfigError("KV pruning after token dropping in the same layer is not supported")
         dead = None
         if isinstance(keep, (list, tuple)):  # per-sample [Hkv, S'_b]: pad with hidden slots
-            keep, dead = _equalize(keep, layer.keys.shape[2], session.attention_mask)
+            keep, dead = _equalize(keep, layer.keys.shape[2], st.attention_mask)
         idx = keep.to(layer.keys.device)
         B, H, S = idx.shape
         D = layer.keys.shape[-1]
         layer.keys = torch.gather(layer.keys, 2, idx[..., None].expand(B, H, S, D))
         layer.values = torch.gather(layer.values, 2, idx[..., None].expand(B, H, S, layer.values.shape[-1]))
-        session.kv_index[li] = idx.cpu()
-        session.effects.add(("kv", li))
+        st.kv_index[li] = idx.cpu()
+        st.effects.add(("kv", li))
         if dead is not None:
-            session.kv_dead[li] = dead
+            st.kv_dead[li] = dead
         return None
 
     return hook
@@ -97,25 +97,26 @@ def _equalize(keeps, S: int, pad2d):
 def per_head_mask(session, module, attention_mask, device=None, q_len: int = 1):
     """During decode of a pruned layer: gather the logical-length mask per KV head -> [B, Hq, q, S']."""
     li = getattr(module, "layer_idx", None)
-    if li not in session.kv_index or session.phase != "decode":
+    st = session.state
+    if li not in st.kv_index or st.phase != "decode":
         return attention_mask
-    B = session.kv_index[li].shape[0]
+    B = st.kv_index[li].shape[0]
     if attention_mask is None:
-        if li not in session.kv_dead:
+        if li not in st.kv_dead:
             return None
         attention_mask = session.logical_mask(B, q_len, device)  # causal among several new tokens
-    elif attention_mask.shape[-1] != session.logical_len:  # sized by a pruned cache (hybrid models)
+    elif attention_mask.shape[-1] != st.logical_len:  # sized by a pruned cache (hybrid models)
         attention_mask = session.logical_mask(B, attention_mask.shape[2], attention_mask.device)
-    idx = session.kv_index[li].to(attention_mask.device)  # [B, Hkv, S']
+    idx = st.kv_index[li].to(attention_mask.device)  # [B, Hkv, S']
     B, Hkv, Sp = idx.shape
-    tail = torch.arange(session.prompt_len, attention_mask.shape[-1], device=idx.device)
+    tail = torch.arange(st.prompt_len, attention_mask.shape[-1], device=idx.device)
     kv = torch.cat([idx, tail.expand(B, Hkv, -1)], dim=-1)
     G = module.num_key_value_groups if hasattr(module, "num_key_value_groups") else 1
     kv = kv.repeat_interleave(G, dim=1)  # [B, Hq, S]
     m = attention_mask.expand(B, kv.shape[1], attention_mask.shape[2], attention_mask.shape[3])
     m = torch.gather(m, 3, kv[:, :, None, :].expand(B, kv.shape[1], m.shape[2], kv.shape[2]))
-    if li in session.kv_dead:
-        d = session.kv_dead[li].to(m.device)
+    if li in st.kv_dead:
+        d = st.kv_dead[li].to(m.device)
         d = torch.cat([d, torch.zeros(B, Hkv, tail.numel(), dtype=torch.bool, device=m.device)], -1)
         m = m & ~d.repeat_interleave(G, dim=1)[:, :, None, :]
     return m

@@ -73,3 +73,18 @@ class LayerPlan:
             if self.redistribute is not None:
                 raise RuntimeError("two methods redistribute attention in the same layer; apply them to different layers")
             self.redistribute = other.redistribute
+
+
+@dataclass
+class FeaturePlan:
+    """What a method asks of the projected image features of one image-feature call, before the LLM sees them.
+
+    keep: (sample index, id(ImageLayout)) -> long, sorted rows of that image's features to keep (the rest are
+        dropped before the LLM by the token-dropping edit).
+    overwrite: (image index into the call's images, new rows [n_i, D]) replacing that image's features, e.g.
+        merged tokens; applied in order, before the next method's plan is asked for.
+    """
+
+    keep: dict = field(default_factory=dict)
+    overwrite: list = field(default_factory=list)
+

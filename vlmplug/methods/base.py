@@ -1,12 +1,13 @@
-"""Method base class: a dataclass config that answers the backend's questions.
+"""The method protocol: a config (what the user sets) and a runner (what runs on one model).
 
-A method never touches model tensors. The session calls, per forward, `begin_forward`; per attention
-call, `layer_plan` (text) or `vision_plan` (vision tower) which return a `LayerPlan` or None; when the
-method drops tokens, `tokens_to_keep` at its `drop_layer`; when it prunes the KV cache, `kv_keep`. After
-an image-bearing prefill, `verify` says whether the method did what it states; a miss raises.
+A `MethodConfig` is a frozen dataclass: data the user can print, save (`to_dict`), load (`from_dict`) and
+apply to any number of models. `apply()` builds one `Method` runner per model from it (`config.build()`);
+everything a method learns during a forward lives on its runner. Read `vlmplug/methods/README.md` for the
+protocol a runner implements.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -26,17 +27,115 @@ def check_choice(method: str, name: str, value, choices) -> None:
         raise MethodConfigError(f"{method}: {name}={value!r} is not allowed; choose one of {list(choices)}")
 
 
-@dataclass
-class Method:
+def _plain(value):
+    """JSON-friendly copy of a config value (tuples and ranges become lists)."""
+    if isinstance(value, (tuple, list, range)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What the user sets for one method: validated at construction, immutable, serialisable."""
+
     name: ClassVar[str] = ""
-    #: the method edits or reads attention inside the vision tower
+
+    def build(self) -> "Method":
+        """A fresh runner for one model."""
+        raise TypeError(f"{type(self).__name__} does not say which runner runs it (define build())")
+
+    def _normalise(self, name: str, value) -> None:
+        """Set a default that depends on other fields, in __post_init__ (the dataclass is frozen)."""
+        object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """{"method": name, **parameters}, JSON-serialisable."""
+        return {"method": self.name, **{f.name: _plain(getattr(self, f.name)) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        """Inverse of `to_dict`; `MethodConfig.from_dict` picks the class by the "method" key."""
+        from ..registry import method_registry
+
+        data = dict(data)
+        name = data.pop("method", None) or cls.name
+        reg = method_registry()
+        if name not in reg:
+            raise MethodConfigError(f"unknown method {name!r}; available: {sorted(reg)}")
+        target = reg[name]
+        if cls is not MethodConfig and target is not cls:
+            raise MethodConfigError(f"{cls.__name__}.from_dict got a {name!r} config; use MethodConfig.from_dict")
+        return target.from_params(**data)
+
+    @classmethod
+    def from_params(cls, **params) -> "MethodConfig":
+        allowed = [f.name for f in fields(cls) if f.init]
+        unknown = [k for k in params if k not in allowed]
+        if unknown:
+            raise MethodConfigError(f"{cls.name}: unknown parameter(s) {unknown}; allowed: {allowed}")
+        params = {k: tuple(v) if isinstance(v, list) and _is_tuple_field(cls, k) else v for k, v in params.items()}
+        return cls(**params)
+
+    def replace(self, **changes) -> "MethodConfig":
+        """A copy with some parameters changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_tuple_field(cls, name: str) -> bool:
+    f = {f.name: f for f in fields(cls)}[name]
+    return "tuple" in str(f.type)
+
+
+class Method:
+    """The runner: one method's runtime on one patched model.
+
+    Built by `config.build()` inside `apply()`; config fields read as attributes (`self.keep_ratio` is
+    `self.config.keep_ratio`). Every hook the session may call is declared here with a no-op default; the
+    session reads the declared capabilities (class attributes below), never probes for attributes.
+    A runner written without a config (a dataclass subclass with its own fields, as tests do) works too.
+    """
+
+    name: ClassVar[str] = ""
+    config: MethodConfig | None = None
+    session = None
+    #: the method edits or reads attention inside the vision tower (the vision config is switched too)
     needs_vision_attention: ClassVar[bool] = False
-    #: the method only acts on samples that contain an image
-    needs_image: ClassVar[bool] = True
+    #: the method reads / edits each image's projected features (`feature_plan`)
+    wants_image_features: ClassVar[bool] = False
+    #: the method edits the projector's input (`projector_input`)
+    wants_projector_input: ClassVar[bool] = False
+    #: token dropping: the selection is made at layer 0 and layers before `drop_layer` hide the dropped tokens
+    hide_before: ClassVar[bool] = False
+    #: set by `setup` when the method drops tokens before this decoder layer (prefill)
+    drop_layer: int | None = None
+    #: set by `setup` when the method prunes the KV cache of these decoder layers after prefill
+    kv_prune_layers: tuple[int, ...] = ()
+    #: pass labels the method acts in (None: every pass); set by apply(passes=...)
+    passes: frozenset | None = None
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config
+        if config is not None:
+            self.name = config.name
+
+    def __getattr__(self, item):
+        # only reached when normal lookup fails: config fields read through
+        if item.startswith("__") or item == "config":
+            raise AttributeError(item)
+        cfg = self.__dict__.get("config")
+        if cfg is not None and item in {f.name for f in fields(cfg)}:
+            return getattr(cfg, item)
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {item!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})" if self.config is not None else super().__repr__()
 
     # ------------------------------------------------------------ lifecycle
-    def check(self, adapter) -> None:
-        """Validate against the model (layer indices in range, ingredients present). Raise MethodConfigError."""
+    def setup(self, adapter) -> None:
+        """Validate against the model and precompute (layer indices in range, ingredients present), before anything
+        is patched. Raise MethodConfigError."""
 
     def attach(self, session) -> None:
         self.session = session
@@ -45,40 +144,61 @@ class Method:
         self.session = None
 
     def begin_forward(self, session) -> None:
-        """Called at the start of every forward of the patched model (prefill and each decode step)."""
+        """Start of every forward of the patched model (prefill and each decode step, every pass).
+        `session.state` is the forward state of the pass running now (`state.label`, `state.phase`)."""
+
+    def begin_vision(self) -> None:
+        """Start of every image-feature call (the vision tower is about to run on a batch of images)."""
 
     # -------------------------------------------------------------- edits
     def layer_plan(self, ctx):
+        """Each decoder attention call: a `LayerPlan` (edits, probes) or None. See backend/plan.py."""
         return None
 
     def vision_plan(self, ctx):
+        """Each vision-tower attention call (when `needs_vision_attention`): a `LayerPlan` or None."""
         return None
 
-    drop_layer: ClassVar[int | None] = None
-    kv_prune_layers: ClassVar[tuple[int, ...]] = ()
-
     def tokens_to_keep(self, ctx):
-        """At prefill, before decoder layer `drop_layer`: long [B, L'] sorted logical positions to keep."""
+        """At prefill, before decoder layer `drop_layer`: long [B, L'] sorted logical positions to keep, or a
+        list of per-sample 1-D tensors (ragged budgets)."""
         return None
 
     def kv_keep(self, ctx):
-        """After prefill attention of a layer in `kv_prune_layers`: long [B, Hkv, S'] cache rows to keep."""
+        """After prefill attention of a layer in `kv_prune_layers`: long [B, Hkv, S'] cache rows to keep, or a
+        list of per-sample [Hkv, S'_b]."""
         return None
 
+    def feature_plan(self, rows, images, session):
+        """Projected image features, before the LLM sees them (when `wants_image_features`). rows[i]: [n_i, D]
+        features of images[i] = (sample index, ImageLayout). Returns a `FeaturePlan` (rows to keep per image,
+        rows to overwrite) or None; the session carries it out."""
+        return None
+
+    def projector_input(self, features):
+        """The projector's input ([crops, patches, D], when `wants_projector_input`): a replacement or None."""
+        return None
+
+    # ------------------------------------------------------------ results
     def stats(self) -> dict[str, Any]:
+        """What the method did in the latest prefill (tokens kept, KV bytes, ...): plain data."""
         return {}
+
+    def result(self):
+        """The method's typed result of the latest forward (e.g. `AttentionMaps`), or None."""
+        return None
 
     def verify(self, session) -> str | None:
         """After an image-bearing prefill: None if the method did what it states, else what it expected and did
         not see (the session raises with it). Dropping methods must have chosen tokens and removed them; KV-pruning
         methods must have pruned each of their layers' caches (or run without a cache)."""
-        fx = session.effects
+        fx = session.state.effects
         if self.drop_layer is not None:
             if ("keep", self.name) not in fx:
                 return (f"{self.name} chose no tokens to keep before decoder layer {self.drop_layer} in this prefill "
                         "(the hook there did not run, or the scores it needs were never computed)")
             if "drop" not in fx:
-                return f"{self.name} expected image tokens removed before decoder layer {session.drop_layer}; none were"
+                return f"{self.name} expected image tokens removed before decoder layer {session.state.drop_layer}; none were"
         if self.kv_prune_layers:
             n = session.adapter.num_layers
             missed = [li % n for li in self.kv_prune_layers
@@ -88,14 +208,6 @@ class Method:
         return None
 
     # ------------------------------------------------------------ helpers
-    @classmethod
-    def from_params(cls, **params) -> "Method":
-        allowed = [f.name for f in fields(cls) if f.init]
-        unknown = [k for k in params if k not in allowed]
-        if unknown:
-            raise MethodConfigError(f"{cls.name}: unknown parameter(s) {unknown}; allowed: {allowed}")
-        return cls(**params)
-
     def _layers_in_range(self, layers, adapter, param="layers") -> None:
         n = adapter.num_layers
         for li in layers or ():

@@ -2,22 +2,22 @@
 head, placed on the image's token grid. Outputs are unchanged (a probe reads q·Kᵀ rows only)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..backend.plan import LayerPlan, Probe
 from ..errors import MethodConfigError
 from ..registry import register_method
-from .base import Method
+from .base import Method, MethodConfig
 
 QUERY_MODES = ("last", "after_image")
 
 
 @register_method("record")
-@dataclass
-class Record(Method):
-    """Record image attention at every forward (the latest forward is kept).
+@dataclass(frozen=True)
+class Record(MethodConfig):
+    """Record image attention at every forward (the latest forward is kept, per pass).
 
     layers: decoder layers to record (None = all; negative indices count from the end).
     queries: "last" (the last real token: the prompt's last token at prefill, the new token while
@@ -26,9 +26,8 @@ class Record(Method):
         any selected query leaves the previous maps in place.
     """
 
-    layers: list[int] | None = None
-    queries: str | list[int] = "last"
-    _maps: dict = field(default_factory=dict, init=False, repr=False)
+    layers: tuple[int, ...] | None = None
+    queries: str | tuple[int, ...] = "last"
 
     def __post_init__(self):
         if isinstance(self.queries, str):
@@ -36,23 +35,46 @@ class Record(Method):
                 raise MethodConfigError(f"record: queries={self.queries!r}; allowed {list(QUERY_MODES)} or a list of positions")
         elif not (isinstance(self.queries, (list, tuple)) and self.queries and all(isinstance(q, int) for q in self.queries)):
             raise MethodConfigError(f"record: queries={self.queries!r}; allowed {list(QUERY_MODES)} or a non-empty list of ints")
-        if self.layers is not None and not isinstance(self.layers, (list, tuple, range)):
-            raise MethodConfigError(f"record: layers={self.layers!r} must be a list of layer indices or None")
+        else:
+            self._normalise("queries", tuple(self.queries))
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple, range)):
+                raise MethodConfigError(f"record: layers={self.layers!r} must be a list of layer indices or None")
+            self._normalise("layers", tuple(self.layers))
 
-    def check(self, adapter):
+    def build(self) -> "RecordRunner":
+        return RecordRunner(self)
+
+
+class _PassMaps:
+    """record's state in one pass: rows of the running forward, maps of the latest forward that selected queries."""
+
+    def __init__(self):
+        self.pending: dict = {}
+        self.layout = None
+        self.planned: set[int] = set()
+        self.maps = None  # AttentionMaps
+
+
+class RecordRunner(Method):
+    def __init__(self, config: Record):
+        super().__init__(config)
+        self._passes: dict[str, _PassMaps] = {}
+
+    def setup(self, adapter):
         self._layers_in_range(self.layers, adapter)
         n = adapter.num_layers
         self._layer_list = sorted({li % n for li in self.layers}) if self.layers is not None else list(range(n))
 
-    def attach(self, session):
-        super().attach(session)
-        self._pending = {}
-        self._pending_layout = None
-        self._planned = set()
+    def _mine(self, label: str | None = None) -> _PassMaps:
+        if label is None:
+            label = self.session.state.label if self.session is not None else "main"
+        return self._passes.setdefault(label, _PassMaps())
 
     def begin_forward(self, session):
-        self.end_of_forward()  # the previous forward's rows become the latest maps
-        self._planned = set()
+        p = self._mine()
+        self._commit(p)  # the previous forward's rows become the latest maps
+        p.planned = set()
 
     # ------------------------------------------------------------------
     def _select(self, ctx) -> torch.Tensor | None:
@@ -81,66 +103,64 @@ class Record(Method):
         sel = self._select(ctx)
         if sel is None:
             return None
-        li, k_pos, L = ctx.layer_idx, ctx.k_pos, ctx.session.logical_len
-        self._pending_layout = ctx.layout
-        self._planned.add(li)
+        li, k_pos, L = ctx.layer_idx, ctx.k_pos, ctx.state.logical_len
+        p = self._mine(ctx.state.label)
+        p.layout = ctx.layout
+        p.planned.add(li)
 
         def store(probs, counts):
             H = probs.shape[1]
             kp = k_pos.cpu()
             width = max(L, int(kp.max()) + 1) if kp.numel() else L  # a static cache has unused slots past L
             dense = torch.zeros(probs.shape[0], H, width, dtype=torch.float32)
-            p = probs.cpu()
+            pr = probs.cpu()
             if kp.dim() == 2:
-                dense.scatter_(2, kp[:, None, :].expand(-1, H, -1), p)
+                dense.scatter_(2, kp[:, None, :].expand(-1, H, -1), pr)
             else:  # per-KV-head key positions (pruned cache): each query head uses its group's rows
                 G = H // kp.shape[1]
-                dense.scatter_(2, kp.repeat_interleave(G, dim=1), p)
-            self._pending[li] = (dense[..., :L], counts.cpu())
+                dense.scatter_(2, kp.repeat_interleave(G, dim=1), pr)
+            p.pending[li] = (dense[..., :L], counts.cpu())
 
         return LayerPlan(probes=[Probe(sel, store)])
 
     # ------------------------------------------------------------------
-    def end_of_forward(self):
-        if getattr(self, "_pending", None):
-            self._maps = {"layout": self._pending_layout, "layers": dict(sorted(self._pending.items()))}
-            self._pending = {}
+    @staticmethod
+    def _commit(p: _PassMaps) -> None:
+        if p.pending:
+            from ..results import AttentionMaps
 
-    def image_attention(self, view: str = "main"):
-        """Per sample, a list per image of float tensors [num_layers, num_heads, rows, cols] from the
-        latest forward that selected queries. view: "main", a view name (e.g. "base"), or "all" (dict)."""
-        self.end_of_forward()
-        if not self._maps:
-            return []
-        layout, layers = self._maps["layout"], self._maps["layers"]
-        order = list(layers)
-        out = []
-        for b, s in enumerate(layout.samples):
-            per_image = []
-            for im in s.images:
-                def grid(v):
-                    rows = torch.stack([layers[li][0][b][:, v.positions] for li in order])
-                    return rows.view(len(order), rows.shape[1], v.rows, v.cols)
+            layers = dict(sorted(p.pending.items()))
+            p.maps = AttentionMaps(layout=p.layout, rows={li: r for li, (r, _) in layers.items()},
+                                   counts={li: c for li, (_, c) in layers.items()})
+            p.pending = {}
 
-                if view == "all":
-                    per_image.append({v.name: grid(v) for v in im.views})
-                else:
-                    per_image.append(grid(im.main_view if view == "main" else im.view(view)))
-            out.append(per_image)
-        return out
+    def result(self, label: str = "main"):
+        """`AttentionMaps` of the latest forward (of pass `label`) that selected queries, or None."""
+        p = self._passes.get(label)
+        if p is None:
+            return None
+        self._commit(p)
+        return p.maps
+
+    def image_attention(self, view: str = "main", label: str = "main"):
+        """Per sample, a list per image of float tensors [num_layers, num_heads, rows, cols] (see
+        `AttentionMaps.images`); [] before any forward selected queries."""
+        maps = self.result(label)
+        return [] if maps is None else maps.images(view)
 
     @property
     def recorded_layers(self) -> list[int]:
-        self.end_of_forward()
-        return list(self._maps.get("layers", {}))
+        maps = self.result()
+        return [] if maps is None else maps.layers
 
     def stats(self):
         return {"recorded_layers": self.recorded_layers}
 
     def verify(self, session):
-        missed = sorted(self._planned - set(self._pending))
+        p = self._mine(session.state.label)
+        missed = sorted(p.planned - set(p.pending))
         if self.queries == "last":  # every sample with an image has a last token: every layer must record
-            missed = sorted(set(missed) | (set(self._layer_list) - set(self._pending)))
+            missed = sorted(set(missed) | (set(self._layer_list) - set(p.pending)))
         if missed:
             return f"record expected attention maps of decoder layers {missed}; none were recorded"
         return None

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register_method
-from ..base import check_range
-from .vision_common import PreLLMSelection
+from ..base import MethodConfig, check_range
+from .vision_common import PreLLMSelection, init_budget
 
 
 def cosine_kmeans(x: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +58,8 @@ def cosine_kmeans(x: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tenso
 
 
 @register_method("cluster")
-@dataclass
-class Cluster(PreLLMSelection):
+@dataclass(frozen=True)
+class Cluster(MethodConfig):
     """Merge each image's visual tokens into k cluster tokens (cluster-level aggregation)."""
 
     keep_ratio: float | None = None
@@ -67,16 +67,21 @@ class Cluster(PreLLMSelection):
     iters: int = 10
 
     def __post_init__(self):
-        self._init_budget("cluster")
+        init_budget(self)
         check_range("cluster", "iters", self.iters, 0, 1000, kind=int)
 
+    def build(self) -> "ClusterRunner":
+        return ClusterRunner(self)
+
+
+class ClusterRunner(PreLLMSelection):
     def select(self, x, image, index, session):
         n = x.shape[0]
         k = self.image_budget(n)
         if k >= n:
-            return torch.arange(n)
+            return torch.arange(n), None
         if k == 0:
-            return torch.zeros(0, dtype=torch.long)
+            return torch.zeros(0, dtype=torch.long), None
         assign, sim = cosine_kmeans(x, k, self.iters)
         xd = x.double()
         counts = torch.bincount(assign, minlength=k)
@@ -88,5 +93,6 @@ class Cluster(PreLLMSelection):
         reps = torch.full((k,), x.shape[0], dtype=pos.dtype, device=x.device).scatter_reduce(0, assign, cand, "amin")[used]
         means = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, assign, xd)
         means = means[used] / counts[used, None]
-        x[reps] = means.to(x.dtype)  # in place: these rows are what the model scatters into the prompt
-        return reps
+        new = x.clone()
+        new[reps] = means.to(x.dtype)  # these rows are what the model scatters into the prompt
+        return reps, new

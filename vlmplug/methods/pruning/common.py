@@ -38,18 +38,18 @@ def drop_stats(session, layer_lens: list[int], cache_lens: list[int] | None = No
     heads = int(cfg.num_attention_heads)
     hd = int(getattr(cfg, "head_dim", None) or d // heads)
     kvh = int(getattr(cfg, "num_key_value_heads", heads))
-    layout = session.layout
+    layout, st = session.layout, session.state
     kept_per_image = []
     if layout is not None:
         for b, s in enumerate(layout.samples):
-            keep = session.keep[b] if session.keep is not None else None
-            dead = session.dead[b] if session.dead is not None else None
+            keep = st.keep[b] if st.keep is not None else None
+            dead = st.dead[b] if st.dead is not None else None
             alive = keep[~dead] if (keep is not None and dead is not None) else keep
             kept_per_image.append([int(im.positions.numel()) if alive is None else int(torch.isin(im.positions, alive).sum())
                                    for im in s.images])
     B = len(layout.samples) if layout is not None else 1
     bytes_per = 2 if session.model.dtype in (torch.float16, torch.bfloat16) else torch.finfo(session.model.dtype).bits // 8
-    L = int(session.prompt_len or layer_lens[0])  # every layer at the prompt's length: the unpruned cost
+    L = int(st.prompt_len or layer_lens[0])  # every layer at the prompt's length: the unpruned cost
     full = sum(layer_flops(L, d, m) for _ in layer_lens)
     pruned = sum(layer_flops(n, d, m) for n in layer_lens)
     return {
@@ -63,13 +63,14 @@ def drop_stats(session, layer_lens: list[int], cache_lens: list[int] | None = No
 def token_drop_stats(session, K: int | None) -> dict:
     """`drop_stats` for methods that drop tokens before layer K (full length before, kept length after; the
     session's cut of the last prefill where it moved, e.g. layer 0's padded cache or a fallback)."""
-    if session is None or session.input_ids is None or K is None:
+    if session is None or session.state.input_ids is None or K is None:
         return {}
-    n, L = session.adapter.num_layers, session.prompt_len
-    Lk = int(session.keep.shape[1]) if session.keep is not None else L
-    if session.keep is None or session.drop_layer is None:
+    st = session.state
+    n, L = session.adapter.num_layers, st.prompt_len
+    Lk = int(st.keep.shape[1]) if st.keep is not None else L
+    if st.keep is None or st.drop_layer is None:
         return drop_stats(session, [L] * K + [Lk] * (n - K))
-    cut, cache_cut = session.drop_layer, session.cache_cut
+    cut, cache_cut = st.drop_layer, st.cache_cut
     return drop_stats(session, [L] * cut + [Lk] * (n - cut), [L] * cache_cut + [Lk] * (n - cache_cut))
 
 

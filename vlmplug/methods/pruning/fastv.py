@@ -8,37 +8,46 @@ Image tokens of a sample (several images included) are ranked together, as in th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ...backend.plan import LayerPlan, Probe
 from ...registry import register_method
-from ..base import Method, check_choice, check_range
+from ..base import Method, MethodConfig, check_choice, check_range
 from .common import budget, check_budget, token_drop_stats, topk_sorted
 
 
 @register_method("fastv")
-@dataclass
-class FastV(Method):
+@dataclass(frozen=True)
+class FastV(MethodConfig):
     """Drop low-attention image tokens after layer K-1 (FastV)."""
 
     layer: int = 2
     keep_ratio: float | None = None
     keep_tokens: int | None = None
     scores: str = "last"
-    _scores: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         check_range("fastv", "layer", self.layer, 1, None, kind=int)
         check_choice("fastv", "scores", self.scores, ("last", "all"))
         check_budget("fastv", self.keep_ratio, self.keep_tokens)
         if self.keep_ratio is None and self.keep_tokens is None:
-            self.keep_ratio = 0.5
-        self.drop_layer = self.layer
+            self._normalise("keep_ratio", 0.5)
 
-    def check(self, adapter):
+    def build(self) -> "FastVRunner":
+        return FastVRunner(self)
+
+
+class FastVRunner(Method):
+    def __init__(self, config: FastV):
+        super().__init__(config)
+        self._scores: dict = {}
+
+    def setup(self, adapter):
         from ...errors import MethodConfigError
+
+        self.drop_layer = self.layer
 
         if not adapter.min_drop_layer <= self.layer < adapter.num_layers:
             raise MethodConfigError(

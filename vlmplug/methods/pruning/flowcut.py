@@ -29,9 +29,9 @@ from ...backend.kernels import expand_kv
 from ...backend.plan import LayerPlan
 from ...errors import MethodConfigError
 from ...registry import register_method
-from ..base import check_range
+from ..base import MethodConfig, check_range
 from .common import budget
-from .vision_common import PreLLMSelection
+from .vision_common import PreLLMSelection, init_budget
 from .vision_scores import VisionScores
 
 
@@ -77,8 +77,8 @@ class _Call:
 
 
 @register_method("flowcut")
-@dataclass
-class FlowCut(VisionScores, PreLLMSelection):
+@dataclass(frozen=True)
+class FlowCut(MethodConfig):
     """Progressive in-ViT pruning by cumulative CLS / global-token information flow (FlowCut); not Qwen2.5-VL."""
 
     keep_ratio: float | None = None
@@ -86,11 +86,16 @@ class FlowCut(VisionScores, PreLLMSelection):
     decay: float = 0.5
 
     def __post_init__(self):
-        self._init_budget("flowcut")
+        init_budget(self)
         check_range("flowcut", "decay", self.decay, 0.0, 1.0)
 
-    def check(self, adapter):
-        PreLLMSelection.check(self, adapter)
+    def build(self) -> "FlowCutRunner":
+        return FlowCutRunner(self)
+
+
+class FlowCutRunner(VisionScores, PreLLMSelection):
+    def setup(self, adapter):
+        PreLLMSelection.setup(self, adapter)
         self._setup_vision(adapter, {})
         if self._grid.windowed:
             raise MethodConfigError(
@@ -181,7 +186,7 @@ class FlowCut(VisionScores, PreLLMSelection):
             st.alive[b, cand[order[:r].to(cand.device)]] = False
 
     # ----------------------------------------------------------------- selection per image
-    def on_image_features(self, rows, images, session):
+    def feature_plan(self, rows, images, session):
         if self._keeps_all:
             self._crop_alive = None
         else:
@@ -189,16 +194,16 @@ class FlowCut(VisionScores, PreLLMSelection):
             self._crop_cum = [c.cpu() for st in self._state for c in st.cum]
             self._scores_len = [int(a.numel()) for a in self._crop_alive]
         self._crop = 0
-        super().on_image_features(rows, images, session)
+        return super().feature_plan(rows, images, session)
 
     def select(self, x, image, index, session):
         n = x.shape[0]
         if self._crop_alive is None:
-            return torch.arange(n)
+            return torch.arange(n), None
         if self._grid.packed:  # token rows of the surviving patches (newline tokens are dropped)
             ids, crop, patch = self.packed_crops(image)
             if self.image_budget(n) >= n:
-                return torch.arange(n)  # the whole budget: newline tokens stay too
+                return torch.arange(n), None  # the whole budget: newline tokens stay too
             has = crop >= 0
             alive, cum = torch.zeros(n, dtype=torch.bool), torch.full((n,), float("-inf"), dtype=torch.float64)
             alive[has] = torch.stack([self._crop_alive[i] for i in ids])[crop[has], patch[has]]
@@ -212,7 +217,7 @@ class FlowCut(VisionScores, PreLLMSelection):
         if idx.numel() > k:  # several crops: trim to the image's budget by the final cumulative score
             order = torch.argsort(cum[idx], descending=True, stable=True)
             idx = idx[order[:k]]
-        return idx.sort().values
+        return idx.sort().values, None
 
     def stats(self):
         out = super().stats()

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register_method
-from ..base import check_range
+from ..base import MethodConfig, check_range
 from .common import split_budget, topk_sorted
-from .vision_common import PreLLMSelection
+from .vision_common import PreLLMSelection, init_budget
 from .vision_scores import VisionScores
 
 
@@ -49,8 +49,8 @@ def hiprune_select(obj: torch.Tensor, deep: torch.Tensor, width: int, k: int, al
 
 
 @register_method("hiprune")
-@dataclass
-class HiPrune(VisionScores, PreLLMSelection):
+@dataclass(frozen=True)
+class HiPrune(MethodConfig):
     """Anchor, buffer and register tokens from vision-encoder attention (HiPrune)."""
 
     keep_ratio: float | None = None
@@ -59,12 +59,17 @@ class HiPrune(VisionScores, PreLLMSelection):
     alpha: float = 0.1
 
     def __post_init__(self):
-        self._init_budget("hiprune")
+        init_budget(self)
         check_range("hiprune", "object_layer", self.object_layer, 1, None, kind=int)
         check_range("hiprune", "alpha", self.alpha, 0.0, 1.0)
 
-    def check(self, adapter):
-        PreLLMSelection.check(self, adapter)
+    def build(self) -> "HiPruneRunner":
+        return HiPruneRunner(self)
+
+
+class HiPruneRunner(VisionScores, PreLLMSelection):
+    def setup(self, adapter):
+        PreLLMSelection.setup(self, adapter)
         grid = adapter.vision_grid()
         if grid is not None and self.object_layer > grid.num_layers:
             from ...errors import MethodConfigError
@@ -74,25 +79,25 @@ class HiPrune(VisionScores, PreLLMSelection):
         self._setup_vision(adapter, {self.object_layer - 1: "mean", deep: "mean"})
         self._deep = deep % self._grid.num_layers
 
-    def on_image_features(self, rows, images, session):
+    def feature_plan(self, rows, images, session):
         self._obj_scores = self.token_scores(self.object_layer - 1)
         self._deep_scores = self.token_scores(self._deep)
         self._scores_len = [int(t.numel()) for t in self._obj_scores]
         self._crop = 0
-        super().on_image_features(rows, images, session)
+        return super().feature_plan(rows, images, session)
 
     def select(self, x, image, index, session):
         n = x.shape[0]
         k_total = self.image_budget(n)
         if self._grid.packed:
-            return self._select_packed(image, k_total)
+            return self._select_packed(image, k_total), None
         crops = self.crops_of(n, image)
         out, off = [], 0
         for c, (i, width) in enumerate(crops):
             k = k_total // len(crops) + (1 if c < k_total % len(crops) else 0)
             out.append(hiprune_select(self._obj_scores[i], self._deep_scores[i], width, k, self.alpha) + off)
             off += self._scores_len[i]
-        return torch.cat(out)
+        return torch.cat(out), None
 
     def _select_packed(self, image, k_total: int) -> torch.Tensor:
         """LLaVA-NeXT / OneVision: per crop (base view, high-res crops), over the patches that have a token; the

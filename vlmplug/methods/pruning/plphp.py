@@ -11,20 +11,20 @@ Sliding-window layers (Gemma 3) are not pruned: their caches already hold only t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ...backend.plan import LayerPlan, Probe
 from ...errors import MethodConfigError
 from ...registry import register_method
-from ..base import Method, check_range
+from ..base import Method, MethodConfig, check_range
 from .common import budget, check_budget, drop_stats
 
 
 @register_method("plphp")
-@dataclass
-class PLPHP(Method):
+@dataclass(frozen=True)
+class PLPHP(MethodConfig):
     """Per-layer, per-head KV-cache pruning of image tokens after prefill (PLPHP)."""
 
     keep_ratio: float | None = None
@@ -33,20 +33,28 @@ class PLPHP(Method):
     alpha: float = 0.2
     beta: float = 0.05
     start_layer: int = 2
-    _rows: dict = field(default_factory=dict, init=False, repr=False)
-    _kept: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         check_budget("plphp", self.keep_ratio, self.keep_tokens)
         if self.keep_ratio is None and self.keep_tokens is None:
-            self.keep_ratio = 0.4
+            self._normalise("keep_ratio", 0.4)
         for name in ("delta", "alpha", "beta"):
             check_range("plphp", name, getattr(self, name), 0.0, 1.0)
         if self.beta > self.alpha:
             raise MethodConfigError(f"plphp: beta={self.beta} must not exceed alpha={self.alpha}")
         check_range("plphp", "start_layer", self.start_layer, 1, None, kind=int)
 
-    def check(self, adapter):
+    def build(self) -> "PLPHPRunner":
+        return PLPHPRunner(self)
+
+
+class PLPHPRunner(Method):
+    def __init__(self, config: PLPHP):
+        super().__init__(config)
+        self._rows: dict = {}
+        self._kept: dict = {}
+
+    def setup(self, adapter):
         n = adapter.num_layers
         if self.start_layer >= n:
             raise MethodConfigError(f"plphp: start_layer={self.start_layer}; this model has layers 1..{n - 1} to prune")
@@ -109,12 +117,12 @@ class PLPHP(Method):
 
     def stats(self):
         s = self.session
-        if s is None or s.input_ids is None:
+        if s is None or s.state.input_ids is None:
             return {}
         n = s.adapter.num_layers
-        L = s.prompt_len
+        L = s.state.prompt_len
         lens = [L] * n
-        for li, idx in s.kv_index.items():
+        for li, idx in s.state.kv_index.items():
             lens[li] = int(idx.shape[-1])
         out = drop_stats(s, lens)
         out["flops_saved"] = 0.0  # prefill is unchanged; the saving is in decode attention and KV memory

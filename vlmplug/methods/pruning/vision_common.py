@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import torch
 
+from ...backend.plan import FeaturePlan
 from ...errors import MethodConfigError
-from ..base import Method
+from ..base import Method, MethodConfig
 from .common import budget, check_budget, token_drop_stats
 
 
+def init_budget(cfg: MethodConfig) -> None:
+    """Validate keep_ratio / keep_tokens of a vision-side config; neither given means 64 tokens per image."""
+    check_budget(cfg.name, cfg.keep_ratio, cfg.keep_tokens)
+    if cfg.keep_ratio is None and cfg.keep_tokens is None:
+        cfg._normalise("keep_tokens", 64)
+
+
 class PreLLMSelection(Method):
+    """Runner base of the vision-side methods: a feature plan per image-feature call, then token dropping."""
+
     hide_before = True
+    wants_image_features = True
 
-    def _init_budget(self, name: str):
-        check_budget(name, self.keep_ratio, self.keep_tokens)
-        if self.keep_ratio is None and self.keep_tokens is None:
-            self.keep_tokens = 64
-        self._selection = None
-
-    def check(self, adapter):
+    def setup(self, adapter):
         if adapter.num_layers <= adapter.pre_llm_drop_layer:
             raise MethodConfigError(f"{self.name}: the model has too few decoder layers to drop tokens")
         self.drop_layer = adapter.pre_llm_drop_layer
@@ -33,29 +38,31 @@ class PreLLMSelection(Method):
     def image_budget(self, n: int) -> int:
         return budget(n, self.keep_ratio, self.keep_tokens)
 
-    def on_image_features(self, rows, images, session):
-        """rows[i]: [n_i, D] features of images[i] = (sample index, ImageLayout). Sets the selection."""
-        keep, done = {}, {}
+    def feature_plan(self, rows, images, session):
+        """rows[i]: [n_i, D] features of images[i] = (sample index, ImageLayout): each image's kept rows, and its
+        new features where the method merges tokens."""
+        plan, done = FeaturePlan(), {}
         for i, (x, (b, im)) in enumerate(zip(rows, images)):
             first = done.get(im.index) if im.index is not None else None
             if first is not None:  # a row generate() repeated (beams): the same image, the same selection
-                x0, kept = first
-                if x.data_ptr() != x0.data_ptr():
-                    x.copy_(x0)  # merged rows included
-                keep[(b, id(im))] = kept
-                continue
-            kept = self.select(x, im, i, session).cpu().sort().values
-            keep[(b, id(im))] = kept
-            if im.index is not None:
-                done[im.index] = (x, kept)
-        self._selection = keep
+                kept, new = first
+            else:
+                kept, new = self.select(x, im, i, session)
+                kept = kept.cpu().sort().values
+                if im.index is not None:
+                    done[im.index] = (kept, new)
+            plan.keep[(b, id(im))] = kept
+            if new is not None:
+                plan.overwrite.append((i, new))
+        return plan
 
-    def select(self, x: torch.Tensor, image, index: int, session) -> torch.Tensor:
-        """Rows of `x` (one image's features) to keep; may rewrite rows in place (merged tokens)."""
+    def select(self, x: torch.Tensor, image, index: int, session) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows of `x` (one image's features) to keep, the image's new features [n, D] where rows are merged, or
+        None). `x` is read only."""
         raise TypeError(f"{type(self).__name__} must define select()")
 
     def tokens_to_keep(self, ctx):
-        sel, self._selection = self._selection, None  # one selection serves one prompt
+        sel = ctx.state.feature_keep.pop(self.name, None)  # one selection serves one prompt
         lay = ctx.layout
         if sel is None or lay is None:
             return None

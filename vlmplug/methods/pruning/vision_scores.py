@@ -14,7 +14,7 @@ from ...errors import MethodConfigError
 
 
 class VisionScores:
-    """Mixin: collect per-crop token scores at `self._vision_layers` (dict layer -> "cls" | "mean")."""
+    """Runner mixin: collect per-crop token scores at `self._vision_layers` (dict layer -> "cls" | "mean")."""
 
     needs_vision_attention = True
 
@@ -51,7 +51,7 @@ class VisionScores:
 
     def begin_vision(self) -> None:
         self._vis = {}
-        self._vision_meta = getattr(getattr(self, "session", None), "pending_meta", None)
+        self._vision_meta = self.session.features.pending_meta if self.session is not None else None
 
     def unwindow(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Windowed towers (Qwen2.5-VL): rows [patches, d] of all of a layer's calls, in the tower's window order ->

@@ -21,9 +21,9 @@ import torch
 
 from ...errors import MethodConfigError
 from ...registry import register_method
-from ..base import check_range
+from ..base import MethodConfig, check_range
 from .common import split_budget, topk_sorted
-from .vision_common import PreLLMSelection
+from .vision_common import PreLLMSelection, init_budget
 from .vision_scores import VisionScores
 
 
@@ -62,8 +62,8 @@ def visionzip_select(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.T
 
 
 @register_method("visionzip")
-@dataclass
-class VisionZip(VisionScores, PreLLMSelection):
+@dataclass(frozen=True)
+class VisionZip(MethodConfig):
     """Dominant (CLS- or most-attended) plus merged contextual tokens at the vision feature layer (VisionZip)."""
 
     keep_ratio: float | None = None
@@ -71,11 +71,16 @@ class VisionZip(VisionScores, PreLLMSelection):
     dominant_share: float = 5.4 / 6.4
 
     def __post_init__(self):
-        self._init_budget("visionzip")
+        init_budget(self)
         check_range("visionzip", "dominant_share", self.dominant_share, 0.0, 1.0)
 
-    def check(self, adapter):
-        PreLLMSelection.check(self, adapter)
+    def build(self) -> "VisionZipRunner":
+        return VisionZipRunner(self)
+
+
+class VisionZipRunner(VisionScores, PreLLMSelection):
+    def setup(self, adapter):
+        PreLLMSelection.setup(self, adapter)
         grid = adapter.vision_grid()
         layer = grid.feature_layer if grid is not None else -1
         self._setup_vision(adapter, {layer: "cls"})  # raises, naming the supported families, where not mapped
@@ -83,12 +88,7 @@ class VisionZip(VisionScores, PreLLMSelection):
         proj = getattr(adapter.base_model, "multi_modal_projector", None)
         # The official place: CLS towers whose projector takes one feature-layer hidden state per token.
         self._pre = bool(self._grid.cls and self._grid.pool == 1 and not self._grid.merge and proj is not None)
-        self._proj = proj
-
-    def attach(self, session):
-        super().attach(session)
-        if self._pre:
-            session.add_hook(self._proj.register_forward_pre_hook(self._merge_hook))
+        self.wants_projector_input = self._pre
 
     def begin_vision(self):
         super().begin_vision()
@@ -100,8 +100,8 @@ class VisionZip(VisionScores, PreLLMSelection):
             plan.taps.append(lambda q, k, v, mask, scale: self._keys.append(k.mean(1).detach().float().cpu()))
         return plan
 
-    def _merge_hook(self, module, args):
-        feats = args[0]  # [crops, n_patches, D] feature-layer hidden states (CLS already dropped)
+    def projector_input(self, feats):
+        """feats [crops, n_patches, D]: feature-layer hidden states (CLS already dropped) -> contextual rows merged."""
         cls_attn = torch.stack(self.token_scores(self._layer))
         keys = torch.cat(self._keys, 0)[:, 1:]
         new = feats.clone()
@@ -112,9 +112,9 @@ class VisionZip(VisionScores, PreLLMSelection):
             keep, h = visionzip_select(cls_attn[c], keys[c], feats[c], k, self.dominant_share, allowed)
             new[c] = h
             self._crop_keep.append(keep)
-        return (new,) + tuple(args[1:])
+        return new
 
-    def on_image_features(self, rows, images, session):
+    def feature_plan(self, rows, images, session):
         self._crop = 0
         if not self._pre:
             self._scores = self.token_scores(self._layer)
@@ -123,7 +123,7 @@ class VisionZip(VisionScores, PreLLMSelection):
             else:
                 self._tok_keys = [self.pool_patches(k) for call in self._keys for k in call]
             self._scores_len = [int(t.numel()) for t in self._scores]
-        super().on_image_features(rows, images, session)
+        return super().feature_plan(rows, images, session)
 
     def select(self, x, image, index, session):
         if not self._pre:
@@ -131,26 +131,26 @@ class VisionZip(VisionScores, PreLLMSelection):
         if self._grid.packed:  # token rows of the kept patches of every crop of the image
             ids, crop, patch = self.packed_crops(image)
             if self.image_budget(len(crop)) >= len(crop):
-                return torch.arange(len(crop))  # the whole budget: newline tokens stay too
+                return torch.arange(len(crop)), None  # the whole budget: newline tokens stay too
             kept = torch.zeros(len(crop), dtype=torch.bool)
             for c, gi in enumerate(ids):
                 mine = crop == c
                 kept[mine] = torch.isin(patch[mine], self._crop_keep[gi])
-            return torch.nonzero(kept).flatten()
+            return torch.nonzero(kept).flatten(), None
         keep = self._crop_keep[self._crop]
         self._crop += 1
-        return keep
+        return keep, None
 
-    def _select_post(self, x, image) -> torch.Tensor:
+    def _select_post(self, x, image) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Towers without a CLS token or with several patches per LLM token: the same rules on LLM tokens (scores
         and keys averaged over each token's patches; CLS attention, or without CLS the mean attention a token
-        receives, as EffiVLM-Bench's port does), merging the projected features of the image in place."""
+        receives, as EffiVLM-Bench's port does), merging the projected features of the image."""
         n = x.shape[0]
         k_total = self.image_budget(n)
         if self._grid.packed:
             ids, crop, patch = self.packed_crops(image)
             if k_total >= n:
-                return torch.arange(n)
+                return torch.arange(n), None
             parts = [(gi, torch.nonzero(crop == c).flatten(), patch[crop == c]) for c, gi in enumerate(ids)]
             budgets = split_budget(k_total, [len(r) for _, r, _ in parts])
         else:
@@ -161,9 +161,9 @@ class VisionZip(VisionScores, PreLLMSelection):
                 parts.append((i, torch.arange(off, off + m), torch.arange(m)))
                 off += m
             budgets = [k_total // len(crops) + (1 if c < k_total % len(crops) else 0) for c in range(len(crops))]
-        kept = []
+        kept, new = [], x.clone()
         for (gi, rows, tok), k in zip(parts, budgets):
             keep, h = visionzip_select(self._scores[gi][tok], self._tok_keys[gi][tok], x[rows], k, self.dominant_share)
-            x[rows] = h.to(x.dtype)  # in place: these rows are what the model scatters into the prompt
+            new[rows] = h.to(x.dtype)  # these rows are what the model scatters into the prompt
             kept.append(rows[keep])
-        return torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long)
+        return (torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long)), new
