@@ -3,7 +3,8 @@
 `eager_kernel` materialises the full softmax matrix and applies each edit on it directly:
   bias          scores + b[h, key]
   redistribute  a'_sink = (1-p) a_sink;  a'_t = a_t + p * (sum_sink a) * a_t / (sum_targets a)
-  head scale    o_h * s_h
+                (sinks / targets per head or shared, p per head or per head and row)
+  head scale    o_h * s_h (per row where given)
   probe         mean over selected rows of softmax(scores) (with the bias, before redistribution)
 It plugs into the session in place of the fast kernel, so both see identical plans.
 """
@@ -53,10 +54,18 @@ def eager_kernel(module, q, k, v, attention_mask, scaling, kwargs, plan):
         p.callback(rows.float(), cnt.long())
     rd = plan.redistribute
     if rd is not None:
-        iS = rd.sinks.to(a.device).double()[:, None, None, :]
-        iT = rd.targets.to(a.device).double()[:, None, None, :]
+        def per_head(m):  # [B, S] -> every head; [B, Hq, S] -> its own head
+            m = m.to(a.device).double()
+            return m[:, None, None, :] if m.dim() == 2 else m[:, :, None, :]
+
+        iS, iT = per_head(rd.sinks), per_head(rd.targets)
         frac = rd.fraction.double().to(a.device)
-        frac = frac.view(1, Hq, 1, 1) if frac.dim() == 1 else frac.view(B, Hq, 1, 1)
+        if frac.dim() == 1:
+            frac = frac.view(1, Hq, 1, 1)
+        elif frac.dim() == 2:
+            frac = frac.view(B, Hq, 1, 1)
+        else:
+            frac = frac.view(B, Hq, Lq, 1)
         mS = (a * iS).sum(-1, keepdim=True)
         mT = (a * iT).sum(-1, keepdim=True)
         new = a - frac * a * iS + frac * mS * (a * iT) / mT.clamp(min=1e-300)
@@ -68,7 +77,13 @@ def eager_kernel(module, q, k, v, attention_mask, scaling, kwargs, plan):
     o = a @ vv
     if plan.head_scale is not None:
         hs = plan.head_scale.double().to(o.device)
-        o = o * (hs.view(1, Hq, 1, 1) if hs.dim() == 1 else hs.view(B, Hq, 1, 1))
+        if hs.dim() == 1:
+            hs = hs.view(1, Hq, 1, 1)
+        elif hs.dim() == 2:
+            hs = hs.view(B, Hq, 1, 1)
+        else:
+            hs = hs.view(B, Hq, Lq, 1)
+        o = o * hs
     return o.to(q.dtype).transpose(1, 2).contiguous()
 
 

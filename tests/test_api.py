@@ -36,7 +36,7 @@ def test_unknown_method_and_bad_params_name_the_allowed_values():
         vlmplug.apply(model, "record", layer=[0])
     with pytest.raises(vlmplug.MethodConfigError, match="queries='first'"):
         vlmplug.apply(model, "record", queries="first")
-    with pytest.raises(vlmplug.MethodConfigError, match="layers contains 7; this model has decoder layers 0..1"):
+    with pytest.raises(vlmplug.MethodConfigError, match=r"layers=\(7,\) names \[7\]; this model has decoder layers 0..1"):
         vlmplug.apply(model, "record", layers=[7])
     assert model.config.get_text_config()._attn_implementation == "sdpa"
     assert "_vlmplug_handle" not in vars(model)

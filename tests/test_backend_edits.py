@@ -9,7 +9,7 @@ import torch
 import vlmplug
 from conftest import tiny
 from reference import eager_kernel, masked_eager_attention, register_reference
-from vlmplug.backend.plan import LayerPlan, Probe, Redistribute
+from vlmplug.backend.plan import LayerPlan, PlanConflict, Probe, Redistribute, head_scale_tensor
 from vlmplug.compat import output_cache
 from vlmplug.methods.base import Method
 from vlmplug.testing.tiny import make_batch
@@ -26,6 +26,8 @@ class Edits(Method):
     fraction: float = 0.0
     head_scale: tuple | None = None
     probe: bool = False
+    per_head: bool = False  # sinks / targets differ per query head; fraction per head and query row
+    scale_rows: bool = False  # head scale only on some query rows, composed with a second, per-head scale
     rows: dict = field(default_factory=dict)
 
     def layer_plan(self, ctx):
@@ -42,9 +44,25 @@ class Edits(Method):
             first = torch.tensor([s.first_real for s in lay.samples], device=ctx.device)
             sinks = ctx.k_pos == first[:, None]
             frac = torch.linspace(self.fraction / 2, self.fraction, ctx.num_heads)
-            plan.redistribute = Redistribute(sinks=sinks, targets=img, fraction=frac)
+            if self.per_head:  # odd heads also sink on the token after the first; even heads target every other image token
+                H = ctx.num_heads
+                odd = (torch.arange(H) % 2 == 1)[None, :, None]
+                sinks = sinks[:, None, :] | (odd & (ctx.k_pos == first[:, None] + 1)[:, None, :])
+                half = img & (ctx.k_pos % 2 == 0)
+                targets = torch.where(odd, img[:, None, :], half[:, None, :])
+                g = torch.Generator().manual_seed(31 + ctx.layer_idx)
+                chosen = torch.rand(B, H, ctx.q_len, generator=g) < 0.6  # per (head, query row), like VAR's selection
+                frac = frac[None, :, None] * chosen
+                plan.redistribute = Redistribute(sinks=sinks, targets=targets, fraction=frac.to(ctx.device))
+            else:
+                plan.redistribute = Redistribute(sinks=sinks, targets=img, fraction=frac)
         if self.head_scale is not None:
             plan.head_scale = torch.tensor(self.head_scale, dtype=torch.float32)
+            if self.scale_rows:  # the first scale on the last query row only, then a second plan's scale merged in
+                rows = torch.zeros(B, ctx.q_len, dtype=torch.bool)
+                rows[:, -1] = True
+                plan.head_scale = head_scale_tensor(plan.head_scale, rows)
+                plan.merge(LayerPlan(head_scale=torch.linspace(0.5, 1.5, ctx.num_heads)))
         if self.probe:
             sel = torch.ones(B, ctx.q_len, dtype=torch.bool)
             sel[:, : ctx.q_len // 3] = False
@@ -70,6 +88,9 @@ EDITS = {
     "redistribute": dict(fraction=0.6),
     "head_scale": dict(head_scale=(0.0, 0.5, 1.0, 2.0)),
     "all": dict(bias=2.0, fraction=0.4, head_scale=(1.5, 1.0, 0.5, 1.0), probe=True),
+    "per_head_rows": dict(fraction=0.7, per_head=True, head_scale=(0.0, 2.0, 1.0, 0.5), scale_rows=True),
+    "all_per_head": dict(bias=2.0, fraction=0.5, per_head=True, head_scale=(1.5, 1.0, 0.5, 1.0), scale_rows=True,
+                         probe=True),
 }
 
 

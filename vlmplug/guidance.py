@@ -42,7 +42,16 @@ class PassMix(LogitsProcessor):
         self.mix = mix or cfg_mix(1.0)
         self.label = label
         self.cache = None
-        self.mask = inputs.get("attention_mask")
+        mask = inputs.get("attention_mask")
+        # decode steps need the padding mask only where the second prompt has padding; M-RoPE models (Qwen-VL) derive
+        # decode positions from a mask over the whole sequence, which is wrong for a single new token there
+        self.mask = mask if mask is not None and not bool(mask.bool().all()) else None
+        base = getattr(model, "model", model)
+        if self.mask is not None and hasattr(base, "rope_deltas"):
+            raise MethodConfigError(
+                f"PassMix: a left-padded second prompt on {type(model).__name__} (M-RoPE positions) is not supported; "
+                "run one prompt per call"
+            )
         self.last_logits: torch.Tensor | None = None  # the second pass's logits at the latest step
         self._fed = 0  # tokens of generate()'s sequence already fed to the second pass
         self._held: dict = {}  # model attributes that carry per-prompt state (Qwen's rope_deltas)
@@ -77,8 +86,6 @@ class PassMix(LogitsProcessor):
             kwargs = {"input_ids": new}
             if self.mask is not None:
                 kwargs["attention_mask"] = self.mask
-        if self.mask is not None and "attention_mask" in kwargs:
-            kwargs["attention_mask"] = self.mask
         self._swap()
         try:
             with torch.no_grad(), (handle.pass_(self.label) if handle is not None and handle.active else contextlib.nullcontext()):

@@ -85,6 +85,8 @@ def generate_info(
     prompt: str,
     methods: Any = None,
     method_params: dict | None = None,
+    second: dict | None = None,
+    passes: dict | None = None,
     **generate_kwargs: Any,
 ) -> dict:
     """Answer ``prompt`` about the image(s); returns ``dict(text, seconds, prompt_tokens, new_tokens)``.
@@ -92,20 +94,40 @@ def generate_info(
     ``image_or_images``: a PIL image, a path, a list of them, or None. ``methods`` (optional) is anything
     ``vlmplug.apply`` accepts (a name, a config, a list); ``method_params`` are keyword parameters for a method given
     by name. Generation is greedy with a small ``max_new_tokens`` unless ``generate_kwargs`` say otherwise.
-    With methods, ``stats`` holds the handle's statistics after generation (tokens kept, KV bytes, ...).
+    With methods, ``stats`` holds the handle's statistics after generation (tokens kept, KV bytes, ...) and
+    ``results`` each method's typed result (``AttentionMaps`` for record).
+
+    ``second``: a second pass beside the main one, mixed into its logits at every step (classifier-free guidance,
+    contrastive decoding): ``dict(prompt=..., image=None or images, mix=callable or None (CFG, gamma 1),
+    label="second")``. ``passes`` limits methods to passes, as in ``vlmplug.apply`` (e.g. ``{"fastv": ["second"]}``).
     """
     images = _load_images(image_or_images)
     inputs = prepare_inputs(model, processor, images, prompt)
     prompt_len = int(inputs["input_ids"].shape[1])
+    if second is not None:
+        from vlmplug.guidance import PassMix
+        from transformers import LogitsProcessorList
+
+        extra = set(second) - {"prompt", "image", "mix", "label"}
+        if extra or "prompt" not in second:
+            from vlmplug.errors import MethodConfigError
+
+            raise MethodConfigError(f"second takes prompt (required), image, mix, label; got {sorted(second)}")
+        mixer = PassMix(model, prepare_inputs(model, processor, _load_images(second.get("image")), second["prompt"]),
+                        mix=second.get("mix"), label=second.get("label", "second"))
+        generate_kwargs = dict(generate_kwargs)
+        generate_kwargs["logits_processor"] = LogitsProcessorList([*generate_kwargs.get("logits_processor", []), mixer])
+    results = None
     if methods is not None:
         from vlmplug.api import apply  # lazy: the pipeline works without any method machinery
 
-        with apply(model, methods, processor=processor, **(method_params or {})) as handle:
+        with apply(model, methods, processor=processor, passes=passes, **(method_params or {})) as handle:
             handle.set_image_sizes([[im.size for im in images]])  # token boxes in the user's pixels
             start = time.perf_counter()  # generation only: patching is a one-off cost
             out = _run_generate(model, inputs, generate_kwargs)
             seconds = time.perf_counter() - start
             stats = handle.stats
+            results = {m.name: m.result() for m in handle.methods}
     else:
         stats = None
         start = time.perf_counter()
@@ -122,7 +144,7 @@ def generate_info(
             break
         n_new += 1
     text = tok.decode(new, skip_special_tokens=True).strip()
-    return dict(text=text, seconds=seconds, prompt_tokens=prompt_len, new_tokens=n_new, stats=stats)
+    return dict(text=text, seconds=seconds, prompt_tokens=prompt_len, new_tokens=n_new, stats=stats, results=results)
 
 
 def generate(
@@ -132,10 +154,13 @@ def generate(
     prompt: str,
     methods: Any = None,
     method_params: dict | None = None,
+    second: dict | None = None,
+    passes: dict | None = None,
     **generate_kwargs: Any,
 ) -> str:
     """Answer ``prompt`` about one or several images with greedy decoding; see :func:`generate_info`."""
-    return generate_info(model, processor, image_or_images, prompt, methods, method_params, **generate_kwargs)["text"]
+    return generate_info(model, processor, image_or_images, prompt, methods, method_params, second, passes,
+                         **generate_kwargs)["text"]
 
 
 def normalize_answer(text: str) -> str:

@@ -122,8 +122,16 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
         extra_k.append((plan.bias.to(k.device) / scale).to(k.dtype)[..., None])
     rd = plan.redistribute
     if rd is not None:
-        iS = rd.sinks.to(v.device, v.dtype)[:, None, :, None].expand(B, v.shape[1], S, 1)
-        iT = rd.targets.to(v.device, v.dtype)[:, None, :, None].expand(B, v.shape[1], S, 1)
+        if rd.sinks.dim() == 3 or rd.targets.dim() == 3:  # per query head: per-head value columns
+            if k.shape[1] != Hq:
+                k, v, G = expand_kv(k, G), expand_kv(v, G), 1
+
+        def indicator(m):
+            m = m.to(v.device, v.dtype)
+            m = m[:, None, :] if m.dim() == 2 else m
+            return m[..., None].expand(B, v.shape[1], S, 1)
+
+        iS, iT = indicator(rd.sinks), indicator(rd.targets)
         extra_v += [v * iS, v * iT, iS, iT]
     if extra_q or extra_v:
         vv = torch.cat([v, *extra_v], dim=-1) if extra_v else v
@@ -144,7 +152,7 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
         mS = o[..., 3 * Dv : 3 * Dv + 1].float()
         mT = o[..., 3 * Dv + 1 : 3 * Dv + 2].float()
         frac = rd.fraction.to(o.device).float()
-        frac = frac.view(1, Hq, 1, 1) if frac.dim() == 1 else frac.view(B, Hq, 1, 1)
+        frac = frac.view(1, Hq, 1, 1) if frac.dim() == 1 else frac.view(B, Hq, -1, 1)  # [B, Hq] or [B, Hq, Lq]
         ok = mT > 0
         new = out.float() - frac * oS + frac * mS * oT / torch.where(ok, mT, torch.ones_like(mT))
         new = torch.where(ok, new, out.float())
@@ -153,5 +161,5 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
         out = new.to(out.dtype)
     if plan.head_scale is not None:
         hs = plan.head_scale.to(out.device, out.dtype)
-        out = out * (hs.view(1, Hq, 1, 1) if hs.dim() == 1 else hs.view(B, Hq, 1, 1))
+        out = out * (hs.view(1, Hq, 1, 1) if hs.dim() == 1 else hs.view(B, Hq, -1, 1))  # [B, Hq] or [B, Hq, Lq]
     return out.transpose(1, 2).contiguous()

@@ -2,6 +2,19 @@
 
 Methods never touch model tensors; for each attention call the session collects their requests
 into a `LayerPlan` and the kernel carries it out.
+
+Order of the edits inside one call (the kernel and the eager reference both follow it):
+  1. key_mask       removed keys leave the call (as if the tokens were gone)
+  2. taps           read q / k / v (and the mask) as the call received them
+  3. bias           an additive logit term per head and key
+  4. probes         softmax rows of selected queries: with the bias, before redistribution and head scaling
+  5. softmax
+  6. redistribute   move a fraction of the mass on sink keys to target keys, per head and query row
+  7. head_scale     multiply each head's output (per row where given), before o_proj
+Merging two methods' plans (`LayerPlan.merge`): probes and taps accumulate, key masks intersect, biases add,
+head scales multiply (per row), and a second redistribution in the same call is refused (`PlanConflict`):
+redistributions do not commute. Methods declare the layers they redistribute in (`Method.edit_layers`) so
+`apply()` refuses such a combination before patching.
 """
 from __future__ import annotations
 
@@ -9,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from ..errors import VlmplugError
 
 
 @dataclass
@@ -24,12 +39,19 @@ class Probe:
     callback: Callable[[torch.Tensor, torch.Tensor], None]
 
 
+class PlanConflict(VlmplugError, RuntimeError):
+    """Two plans ask for edits that cannot be combined in one attention call."""
+
+
 @dataclass
 class Redistribute:
     """Move `fraction` of the attention mass on `sinks` keys to `targets` keys, in proportion to the
     attention the targets already get (post-softmax, per head and query row).
 
-    sinks, targets: bool [B, S]; fraction: float [Hq] or [B, Hq]; rows: bool [B, Lq] or None (all rows).
+    sinks, targets: bool [B, S] (every head) or [B, Hq, S] (per query head).
+    fraction: float [Hq], [B, Hq] or [B, Hq, Lq] (per head, or per head and query row: 0 leaves a row alone).
+    rows: bool [B, Lq] or None (all rows).
+    A row whose targets get no attention is left unchanged.
     """
 
     sinks: torch.Tensor
@@ -44,12 +66,34 @@ class Redistribute:
 Tap = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
 
 
+def head_scale_tensor(scale: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """A head scale limited to query rows: scale [Hq] or [B, Hq], rows bool [B, Lq] -> float [B, Hq, Lq] (1 elsewhere)."""
+    if rows is None:
+        return scale
+    s = scale.float()
+    B, Lq = rows.shape
+    s = s.view(1, -1, 1) if s.dim() == 1 else s.view(s.shape[0], -1, 1)
+    return torch.where(rows.to(s.device)[:, None, :], s.expand(B, -1, Lq), torch.ones((), device=s.device))
+
+
+def _as_rows(scale: torch.Tensor, B: int, Lq: int) -> torch.Tensor:
+    """Head scale in any accepted shape -> [B, Hq, Lq]."""
+    s = scale.float()
+    if s.dim() == 1:
+        s = s.view(1, -1, 1)
+    elif s.dim() == 2:
+        s = s.view(s.shape[0], -1, 1)
+    return s.expand(B, s.shape[1], Lq)
+
+
 @dataclass
 class LayerPlan:
     probes: list[Probe] = field(default_factory=list)
     bias: torch.Tensor | None = None  # float [B, Hq, S] additive logit bias, per head and key
     redistribute: Redistribute | None = None
-    head_scale: torch.Tensor | None = None  # float [Hq] or [B, Hq], multiplies each head's output
+    # float [Hq], [B, Hq] or [B, Hq, Lq] (per query row; `head_scale_tensor` builds it from rows), multiplies each
+    # head's output
+    head_scale: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None  # bool [B, S]: keys every query may see (False = removed token)
     taps: list[Tap] = field(default_factory=list)
 
@@ -68,10 +112,18 @@ class LayerPlan:
         if other.bias is not None:
             self.bias = other.bias if self.bias is None else self.bias + other.bias
         if other.head_scale is not None:
-            self.head_scale = other.head_scale if self.head_scale is None else self.head_scale * other.head_scale
+            if self.head_scale is None:
+                self.head_scale = other.head_scale
+            elif self.head_scale.dim() == 3 or other.head_scale.dim() == 3:  # per row: bring both to [B, Hq, Lq]
+                a, b = self.head_scale, other.head_scale
+                B = max(x.shape[0] if x.dim() > 1 else 1 for x in (a, b))
+                Lq = max(x.shape[2] if x.dim() == 3 else 1 for x in (a, b))
+                self.head_scale = _as_rows(a, B, Lq) * _as_rows(b, B, Lq)
+            else:
+                self.head_scale = self.head_scale * other.head_scale
         if other.redistribute is not None:
             if self.redistribute is not None:
-                raise RuntimeError("two methods redistribute attention in the same layer; apply them to different layers")
+                raise PlanConflict("two methods redistribute attention in the same layer; apply them to different layers")
             self.redistribute = other.redistribute
 
 

@@ -179,6 +179,11 @@ class Method:
         """The projector's input ([crops, patches, D], when `wants_projector_input`): a replacement or None."""
         return None
 
+    def edit_layers(self) -> dict[str, set[int] | None]:
+        """After `setup`: the decoder layers (None: every layer) this method asks each exclusive edit for, e.g.
+        {"redistribute": {2, 3}}; apply() refuses two methods that would redistribute in the same layer."""
+        return {}
+
     # ------------------------------------------------------------ results
     def stats(self) -> dict[str, Any]:
         """What the method did in the latest prefill (tokens kept, KV bytes, ...): plain data."""
@@ -206,10 +211,3 @@ class Method:
             if missed:
                 return f"{self.name} expected the KV cache of decoder layers {missed} pruned; it was not"
         return None
-
-    # ------------------------------------------------------------ helpers
-    def _layers_in_range(self, layers, adapter, param="layers") -> None:
-        n = adapter.num_layers
-        for li in layers or ():
-            if isinstance(li, bool) or not isinstance(li, int) or not -n <= li < n:
-                raise MethodConfigError(f"{self.name}: {param} contains {li!r}; this model has decoder layers 0..{n - 1}")

@@ -9,6 +9,7 @@ import torch
 from ..backend.plan import LayerPlan, Probe
 from ..errors import MethodConfigError
 from ..registry import register_method
+from ..selection import check_selection, freeze, resolve
 from .base import Method, MethodConfig
 
 QUERY_MODES = ("last", "after_image")
@@ -19,14 +20,15 @@ QUERY_MODES = ("last", "after_image")
 class Record(MethodConfig):
     """Record image attention at every forward (the latest forward is kept, per pass).
 
-    layers: decoder layers to record (None = all; negative indices count from the end).
+    layers: decoder layers to record, a layer selection (vlmplug/selection.py: None = all, an index, a list, or
+        a slice like "2:"; 0-based, negative from the end).
     queries: "last" (the last real token: the prompt's last token at prefill, the new token while
         decoding), "after_image" (mean over every text token after the sample's last image token), or a
         list of explicit logical positions (negative = from the end of the prompt); a forward without
         any selected query leaves the previous maps in place.
     """
 
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | str | int | None = None
     queries: str | tuple[int, ...] = "last"
 
     def __post_init__(self):
@@ -37,10 +39,8 @@ class Record(MethodConfig):
             raise MethodConfigError(f"record: queries={self.queries!r}; allowed {list(QUERY_MODES)} or a non-empty list of ints")
         else:
             self._normalise("queries", tuple(self.queries))
-        if self.layers is not None:
-            if not isinstance(self.layers, (list, tuple, range)):
-                raise MethodConfigError(f"record: layers={self.layers!r} must be a list of layer indices or None")
-            self._normalise("layers", tuple(self.layers))
+        check_selection("record", "layers", self.layers)
+        self._normalise("layers", freeze(self.layers) if not isinstance(self.layers, range) else tuple(self.layers))
 
     def build(self) -> "RecordRunner":
         return RecordRunner(self)
@@ -62,9 +62,7 @@ class RecordRunner(Method):
         self._passes: dict[str, _PassMaps] = {}
 
     def setup(self, adapter):
-        self._layers_in_range(self.layers, adapter)
-        n = adapter.num_layers
-        self._layer_list = sorted({li % n for li in self.layers}) if self.layers is not None else list(range(n))
+        self._layer_list = resolve("record", "layers", self.layers, adapter.num_layers)
 
     def _mine(self, label: str | None = None) -> _PassMaps:
         if label is None:
