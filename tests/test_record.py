@@ -195,3 +195,26 @@ def test_apply_remove_restores_everything(family):
     assert before[3].keys() == after[3].keys() and all(torch.equal(before[3][k], after[3][k]) for k in before[3])
     assert "get_image_features" not in vars(model.base_model)
     h.remove()  # idempotent
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava_next", "idefics3"])
+def test_attention_maps_project_every_view_onto_the_pixels(fam):
+    """AttentionMaps.to_pixels on a real layout: the map's mass equals the attention the image's tokens (all views
+    with boxes: NeXT's base + high-res grids, Idefics3's tiles + global image) received, checked against the eager
+    attention of the unpatched model."""
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1,))
+    with vlmplug.apply(model, "record") as h, torch.no_grad():
+        model(**batch.inputs)
+        maps = h.result("record")
+    att = _eager_attentions(model, batch.inputs)
+    last = _last_real(batch.inputs["attention_mask"], 0)
+    im = maps.layout.samples[0].images[0]
+    boxed = [v for v in im.views if v.boxes is not None]
+    assert boxed and (fam == "llava" or len(boxed) > 1)
+    # expected mass: head-mean, layer-mean attention of the last token on every boxed token (views may share none)
+    want = sum(float(torch.stack([a[0, :, last, v.positions].mean(0) for a in att]).mean(0).sum()) for v in boxed)
+    px = maps.to_pixels(0, 0)
+    assert px.dim() == 2 and (px >= 0).all()
+    assert abs(float(px.sum()) - want) <= 1e-4 * max(1.0, want)
+    assert repr(maps).startswith("AttentionMaps(layers=[0, 1]")
