@@ -174,7 +174,7 @@ def main(argv=None) -> int:
             if method == "fastv":
                 params["layer"] = min(2, n_layers - 1)
             if method == "hiprune":
-                params["object_layer"] = min(9, args.vision_layers)
+                params["object_layer"] = min(8, args.vision_layers - 1)
             if method == "plphp":
                 params["start_layer"] = min(2, n_layers - 1)
             Lk = L - n_img + k

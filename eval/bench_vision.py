@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     for method in args.methods:
         params = {"keep_tokens": args.keep_tokens}
         if method == "hiprune":
-            params["object_layer"] = min(9, args.vision_layers)
+            params["object_layer"] = min(8, args.vision_layers - 1)
         plain, patched = [], []
         h = vlmplug.apply(model, method, **params)
         h.remove()

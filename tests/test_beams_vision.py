@@ -41,7 +41,7 @@ def test_beam_search_keeps_each_rows_selection(fam, method):
             # row for beams: there the unpatched model's beams already see the wrong images
             pytest.skip(f"transformers {transformers.__version__}: unpatched beams differ from greedy for {fam}")
     try:
-        h = vlmplug.apply(model, method, keep_tokens=2, **({"object_layer": 1} if method == "hiprune" else {}))
+        h = vlmplug.apply(model, method, keep_tokens=2, **({"object_layer": 0} if method == "hiprune" else {}))
     except vlmplug.MethodConfigError as e:
         pytest.skip(str(e))  # flowcut on a windowed tower
     with h, torch.no_grad(), warnings.catch_warnings():

@@ -136,7 +136,7 @@ def test_hiprune_matches_reference(fam):
     obj = _token_scores(maps[0], grid, win)
     deep = _token_scores(maps[grid.feature_layer], grid, win)
     ratio, alpha = 0.5, 0.4
-    with vlmplug.apply(model, "hiprune", keep_ratio=ratio, object_layer=1, alpha=alpha) as h, torch.no_grad():
+    with vlmplug.apply(model, "hiprune", keep_ratio=ratio, object_layer=0, alpha=alpha) as h, torch.no_grad():
         out = model(**batch.inputs).logits[:, -1]
         g = model.generate(**batch.inputs, **GEN)
         lay = h.layout
@@ -250,8 +250,8 @@ def _check_merged_reference(model, batch, g, merged, dropped):
         assert (a - b_).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("meth,fam,kw", [("hiprune", "llava", dict(object_layer=1)), ("hiprune", "idefics3", dict(object_layer=1)),
-                                         ("visionzip", "llava", {}), ("hiprune", "llava_onevision", dict(object_layer=1)),
+@pytest.mark.parametrize("meth,fam,kw", [("hiprune", "llava", dict(object_layer=0)), ("hiprune", "idefics3", dict(object_layer=0)),
+                                         ("visionzip", "llava", {}), ("hiprune", "llava_onevision", dict(object_layer=0)),
                                          ("visionzip", "llava_next", {}), ("flowcut", "llava_next", {}),
                                          ("flowcut", "llava_onevision", dict(decay=0.5))])
 def test_identity_and_padded_batch(meth, fam, kw):
@@ -286,7 +286,7 @@ def test_unsupported_families_say_so():
     model.config.vision_feature_layer = -(model.config.vision_config.num_hidden_layers + 1)
     for meth in ("hiprune", "visionzip", "flowcut"):
         with pytest.raises(vlmplug.MethodConfigError, match=f"{meth}: the projector reads the vision embeddings"):
-            vlmplug.apply(model, meth, **({"object_layer": 1} if meth == "hiprune" else {}))
+            vlmplug.apply(model, meth, **({"object_layer": 0} if meth == "hiprune" else {}))
     assert "_vlmplug_handle" not in vars(model)
 
 
@@ -406,7 +406,7 @@ def test_hiprune_packed_matches_reference(fam):
     obj = _token_scores(maps[0], grid)  # packed grids: per patch, CLS removed
     deep = _token_scores(maps[grid.feature_layer], grid)
     ratio, alpha = 0.4, 0.6
-    with vlmplug.apply(model, "hiprune", keep_ratio=ratio, object_layer=1, alpha=alpha) as h, torch.no_grad():
+    with vlmplug.apply(model, "hiprune", keep_ratio=ratio, object_layer=0, alpha=alpha) as h, torch.no_grad():
         out = model(**batch.inputs).logits[:, -1]
         g = model.generate(**batch.inputs, **GEN)
         lay = h.layout
@@ -622,7 +622,7 @@ def test_bf16_generate_keeps_the_budget(fam, meth):
     model = tiny(fam, torch.bfloat16)
     batch = make_batch(fam, model, (1, 2))
     inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in batch.inputs.items()}
-    kw = dict(object_layer=1) if meth == "hiprune" else {}
+    kw = dict(object_layer=0) if meth == "hiprune" else {}
     with vlmplug.apply(model, meth, keep_tokens=3, **kw) as h, torch.no_grad():
         g = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
         kept = h.stats[meth]["tokens_kept_per_image"]

@@ -2,7 +2,8 @@
 
 Per crop, with a budget of N' tokens:
 - anchors: the top round(N' * alpha / 5) tokens by the mean attention they receive at an
-  object-centric middle layer (`object_layer`, 1-based, default 9 for CLIP-L);
+  object-centric middle layer (`object_layer`, 0-based like every layer index in vlmplug: default 8, the
+  paper's 9th layer of CLIP-L; negative counts from the end);
 - buffers: each anchor's 4 neighbours (+-1, +-W in the flattened grid, clamped; as in the official
   code the +-1 step may cross a row edge);
 - registers: the rest of the budget from the highest mean attention at the deep (feature) layer,
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ...errors import MethodConfigError
 from ...registry import register_method
+from ...selection import resolve
 from ..base import MethodConfig, check_range
 from .common import split_budget, topk_sorted
 from .vision_common import PreLLMSelection, init_budget
@@ -55,12 +58,13 @@ class HiPrune(MethodConfig):
 
     keep_ratio: float | None = None
     keep_tokens: int | None = None
-    object_layer: int = 9
+    object_layer: int = 8
     alpha: float = 0.1
 
     def __post_init__(self):
         init_budget(self)
-        check_range("hiprune", "object_layer", self.object_layer, 1, None, kind=int)
+        if isinstance(self.object_layer, bool) or not isinstance(self.object_layer, int):
+            raise MethodConfigError(f"hiprune: object_layer={self.object_layer!r} must be one vision layer index (0-based)")
         check_range("hiprune", "alpha", self.alpha, 0.0, 1.0)
 
     def build(self) -> "HiPruneRunner":
@@ -71,16 +75,14 @@ class HiPruneRunner(VisionScores, PreLLMSelection):
     def setup(self, adapter):
         PreLLMSelection.setup(self, adapter)
         grid = adapter.vision_grid()
-        if grid is not None and self.object_layer > grid.num_layers:
-            from ...errors import MethodConfigError
-
-            raise MethodConfigError(f"hiprune: object_layer={self.object_layer}; the vision tower has {grid.num_layers} layers")
+        obj = resolve("hiprune", "object_layer", self.object_layer, grid.num_layers, "vision layers")[0] if grid else 0
         deep = grid.feature_layer if grid is not None else -1
-        self._setup_vision(adapter, {self.object_layer - 1: "mean", deep: "mean"})
+        self._obj = obj
+        self._setup_vision(adapter, {obj: "mean", deep: "mean"})
         self._deep = deep % self._grid.num_layers
 
     def feature_plan(self, rows, images, session):
-        self._obj_scores = self.token_scores(self.object_layer - 1)
+        self._obj_scores = self.token_scores(self._obj)
         self._deep_scores = self.token_scores(self._deep)
         self._scores_len = [int(t.numel()) for t in self._obj_scores]
         self._crop = 0
