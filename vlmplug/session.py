@@ -34,10 +34,6 @@ _all_configs = all_configs  # the name tests know
 __all__ = ["Session", "LayerContext", "ForwardState"]
 
 
-def other_passes(methods, name):
-    return next(m.passes for m in methods if m.name == name)
-
-
 class Session:
     def __init__(self, model: nn.Module, adapter: Adapter, methods: list):
         self.model = model
@@ -55,20 +51,20 @@ class Session:
 
     # ------------------------------------------------------------- install
     def _check_exclusive_edits(self) -> None:
-        """Edits that do not compose (redistribution) must not meet in one layer: refused before patching."""
-        seen: dict[str, list[tuple[str, set[int] | None]]] = {}
+        """Edits that do not compose (redistribution) must not meet in one layer of one pass: refused before patching."""
+        seen: dict[str, list] = {}
         for m in self.methods:
             for edit, layers in m.edit_layers().items():
-                for other, theirs in seen.get(edit, []):
-                    both = layers is None or theirs is None or bool(set(layers) & set(theirs))
-                    if both and (m.passes is None or other_passes(self.methods, other) is None
-                                 or m.passes & other_passes(self.methods, other)):
+                for other, theirs, passes in seen.get(edit, []):
+                    same_layer = layers is None or theirs is None or bool(set(layers) & set(theirs))
+                    same_pass = m.passes is None or passes is None or bool(m.passes & passes)
+                    if same_layer and same_pass:
                         where = "every layer" if layers is None or theirs is None else sorted(set(layers) & set(theirs))
                         raise MethodConfigError(
                             f"{other} and {m.name} both {edit} attention in {where}; these edits do not compose. "
                             "Give them different layers or passes, or apply one of them"
                         )
-                seen.setdefault(edit, []).append((m.name, layers))
+                seen.setdefault(edit, []).append((m.name, layers, m.passes))
 
     def install(self) -> None:
         self._check_exclusive_edits()
