@@ -34,6 +34,10 @@ _all_configs = all_configs  # the name tests know
 __all__ = ["Session", "LayerContext", "ForwardState"]
 
 
+def _disjoint_passes(methods) -> bool:
+    return all(m.passes is not None for m in methods) and not frozenset.intersection(*[m.passes for m in methods])
+
+
 class Session:
     def __init__(self, model: nn.Module, adapter: Adapter, methods: list):
         self.model = model
@@ -85,9 +89,15 @@ class Session:
         ins.hook(base.register_forward_pre_hook(self._on_base_forward, with_kwargs=True))
         ins.hook(base.register_forward_hook(self._after_base_forward))
         self.features.install(ins, base)
-        drop_layers = {m.drop_layer for m in self.methods if m.drop_layer is not None}
+        droppers = [m for m in self.methods if m.drop_layer is not None]
+        drop_layers = {m.drop_layer for m in droppers}
         if len(drop_layers) > 1:
             raise MethodConfigError(f"methods drop tokens after different layers {sorted(drop_layers)}; use one")
+        if len(droppers) > 1 and not _disjoint_passes(droppers):
+            raise MethodConfigError(
+                f"{[m.name for m in droppers]} each choose which tokens to drop; one prompt has one selection: "
+                "apply one of them (or limit them to different passes with passes=)"
+            )
         if drop_layers:
             from .backend.drop import install_drop_hooks
 

@@ -112,6 +112,11 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
 
     for probe in plan.probes:
         run_probe(module, probe, query, key, attention_mask, scale, causal_module, plan.bias)
+    if plan.read_only:  # nothing edits the output: transformers' own SDPA call, bit-identical to the unpatched model
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
+                                      **kwargs)[0]
 
     q, k, v = query, key, value
     Dv = v.shape[-1]

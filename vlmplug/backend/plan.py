@@ -98,6 +98,11 @@ class LayerPlan:
     taps: list[Tap] = field(default_factory=list)
 
     @property
+    def read_only(self) -> bool:
+        """Only probes and taps: the call's output is the model's own attention, unchanged."""
+        return self.bias is None and self.redistribute is None and self.head_scale is None and self.key_mask is None
+
+    @property
     def empty(self) -> bool:
         return (not self.probes and self.bias is None and self.redistribute is None and self.head_scale is None
                 and self.key_mask is None and not self.taps)

@@ -8,6 +8,7 @@ protocol a runner implements.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -16,8 +17,8 @@ from ..errors import MethodConfigError
 
 def check_range(method: str, name: str, value, lo=None, hi=None, kind=(int, float)) -> None:
     """Raise MethodConfigError naming the parameter, the value and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise MethodConfigError(f"{method}: {name}={value!r} must be a number in [{lo}, {hi}]")
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise MethodConfigError(f"{method}: {name}={value!r} must be a finite number in [{lo}, {hi}]")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise MethodConfigError(f"{method}: {name}={value!r} is out of range; allowed [{lo}, {hi}]")
 
@@ -41,6 +42,8 @@ class MethodConfig:
     """What the user sets for one method: validated at construction, immutable, serialisable."""
 
     name: ClassVar[str] = ""
+    #: parameters that exclude each other (give one): `replace` clears the partner that is not being set
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("keep_ratio", "keep_tokens"),)
 
     def build(self) -> "Method":
         """A fresh runner for one model."""
@@ -79,7 +82,13 @@ class MethodConfig:
         return cls(**params)
 
     def replace(self, **changes) -> "MethodConfig":
-        """A copy with some parameters changed (validated again)."""
+        """A copy with some parameters changed (validated again). Setting one of a group of exclusive parameters
+        (keep_ratio / keep_tokens) clears the others."""
+        names = {f.name for f in fields(self)}
+        for group in self.exclusive:
+            given = [g for g in group if g in changes]
+            if given and all(g in names for g in group):
+                changes.update({g: None for g in group if g not in given})
         return dataclasses.replace(self, **changes)
 
 
