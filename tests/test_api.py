@@ -1,4 +1,5 @@
 """Public API: registries, errors that name what to do, no silent stacking, light import."""
+import dataclasses
 import subprocess
 import sys
 
@@ -94,3 +95,31 @@ def test_import_is_light():
     code = "import sys, vlmplug; bad = [m for m in ('gradio', 'bitsandbytes', 'lmms_eval', 'transformers') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_every_config_is_exported_and_round_trips():
+    from vlmplug.registry import method_registry
+
+    for name, cls in method_registry().items():
+        assert getattr(vlmplug, cls.__name__) is cls and cls.__name__ in vlmplug.__all__, name
+        cfg = cls()
+        assert vlmplug.MethodConfig.from_dict(cfg.to_dict()) == cfg and cls.from_dict(cfg.to_dict()) == cfg
+        assert repr(cfg).startswith(cls.__name__ + "(")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cfg.keep_ratio = 0.1  # configs are data: frozen
+    assert vlmplug.FastV(keep_ratio=0.5).replace(keep_tokens=3) == vlmplug.FastV(keep_tokens=3)
+    with pytest.raises(vlmplug.MethodConfigError, match="use MethodConfig.from_dict"):
+        vlmplug.FastV.from_dict({"method": "record"})
+
+
+def test_registry_refuses_a_taken_name():
+    from vlmplug.registry import method_registry, register_method
+
+    method_registry()
+
+    with pytest.raises(ValueError, match="'fastv' is taken by vlmplug.methods.pruning.fastv.FastV"):
+        @register_method("fastv")
+        @dataclasses.dataclass(frozen=True)
+        class Other(vlmplug.MethodConfig):
+            pass
+    assert method_registry()["fastv"] is vlmplug.FastV
