@@ -44,6 +44,15 @@ def eager_softmax(module, q, k, attention_mask, scaling, kwargs, bias=None):
     return torch.softmax(scores, -1).nan_to_num(0.0)
 
 
+def _per_head_row(x, B, Hq, Lq):
+    """A per-head value given as [Hq], [B, Hq] or [B, Hq, Lq] -> broadcastable to [B, Hq, Lq, 1]."""
+    if x.dim() == 1:
+        return x.view(1, Hq, 1, 1)
+    if x.dim() == 2:
+        return x.view(B, Hq, 1, 1)
+    return x.view(B, Hq, Lq, 1)
+
+
 def eager_kernel(module, q, k, v, attention_mask, scaling, kwargs, plan):
     B, Hq, Lq, D = q.shape
     a = eager_softmax(module, q, k, attention_mask, scaling, kwargs, plan.bias)
@@ -59,13 +68,7 @@ def eager_kernel(module, q, k, v, attention_mask, scaling, kwargs, plan):
             return m[:, None, None, :] if m.dim() == 2 else m[:, :, None, :]
 
         iS, iT = per_head(rd.sinks), per_head(rd.targets)
-        frac = rd.fraction.double().to(a.device)
-        if frac.dim() == 1:
-            frac = frac.view(1, Hq, 1, 1)
-        elif frac.dim() == 2:
-            frac = frac.view(B, Hq, 1, 1)
-        else:
-            frac = frac.view(B, Hq, Lq, 1)
+        frac = _per_head_row(rd.fraction.double().to(a.device), B, Hq, Lq)
         mS = (a * iS).sum(-1, keepdim=True)
         mT = (a * iT).sum(-1, keepdim=True)
         new = a - frac * a * iS + frac * mS * (a * iT) / mT.clamp(min=1e-300)
@@ -76,14 +79,7 @@ def eager_kernel(module, q, k, v, attention_mask, scaling, kwargs, plan):
     vv = _expand(v, Hq // v.shape[1]).double()
     o = a @ vv
     if plan.head_scale is not None:
-        hs = plan.head_scale.double().to(o.device)
-        if hs.dim() == 1:
-            hs = hs.view(1, Hq, 1, 1)
-        elif hs.dim() == 2:
-            hs = hs.view(B, Hq, 1, 1)
-        else:
-            hs = hs.view(B, Hq, Lq, 1)
-        o = o * hs
+        o = o * _per_head_row(plan.head_scale.double().to(o.device), B, Hq, Lq)
     return o.to(q.dtype).transpose(1, 2).contiguous()
 
 
