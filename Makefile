@@ -35,6 +35,7 @@ lock: $(STAMP)
 COMPAT_TF ?= 5.17.0
 COMPAT_DIR := .compat/transformers-$(COMPAT_TF)
 $(COMPAT_DIR)/.ok: $(STAMP)
+	rm -rf $(COMPAT_DIR)
 	$(VPY) -m pip install -q --target $(COMPAT_DIR) "transformers==$(COMPAT_TF)" "huggingface-hub>=1.5,<2" httpx
 	touch $@
 
@@ -45,10 +46,11 @@ test-compat: $(COMPAT_DIR)/.ok
 # test-compat): a new release that breaks vlmplug fails here first, not in a user's hands.
 test-latest: $(STAMP)
 	@latest=$$($(VPY) scripts/release_train.py newest) || exit 1; \
-	locked=$$($(VPY) scripts/release_train.py locked); \
+	locked=$$($(VPY) scripts/release_train.py locked) || exit 1; \
 	dir=.compat/transformers-latest-$$latest; \
 	echo "newest transformers on the registry: $$latest (locked: $$locked)"; \
 	if [ ! -f $$dir/.ok ]; then \
+	  rm -rf $$dir; \
 	  $(VPY) -m pip install -q --target $$dir "transformers==$$latest" || exit 1; touch $$dir/.ok; \
 	fi; \
 	PYTHONPATH=$$dir $(PYTEST)

@@ -24,7 +24,7 @@ def full_mask(module, attention_mask, Lq, S, kwargs, device):
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     if not causal or Lq == 1:
         return torch.ones(1, 1, Lq, S, dtype=torch.bool, device=device)
-    i = torch.arange(Lq, device=device)[:, None] + (S - Lq)
+    i = torch.arange(Lq, device=device)[:, None]  # torch SDPA's is_causal: top-left aligned
     j = torch.arange(S, device=device)[None, :]
     return (j <= i)[None, None]
 

@@ -141,3 +141,27 @@ def test_vlmplug_generate_runs_a_second_pass():
                                           second=dict(prompt="What color is the circle?", label="uncond"))
     assert info["results"]["record"] is not None and info["results"]["record"].layers
 
+
+
+def test_a_passmix_reused_for_a_second_generate_starts_again():
+    model = tiny("llava")
+    main = make_batch("llava", model, (1,), seed=0)
+    longer = make_batch("llava", model, (1,), seed=2, text_lens=[12])
+    second = make_batch("llava", model, (0,), seed=5, text_lens=[9])
+    pm = PassMix(model, second.inputs, mix=vlmplug.cfg_mix(GAMMA))
+    gen = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        for inputs in (main.inputs, main.inputs, longer.inputs):  # same prompt again, then a longer one
+            reused = model.generate(**inputs, logits_processor=LogitsProcessorList([pm]), **gen)
+            fresh = model.generate(**inputs, logits_processor=LogitsProcessorList(
+                [PassMix(model, second.inputs, mix=vlmplug.cfg_mix(GAMMA))]), **gen)
+            assert torch.equal(reused.sequences, fresh.sequences)
+            for a, b in zip(reused.scores, fresh.scores):
+                assert torch.equal(a, b)
+
+
+def test_passmix_needs_its_own_label():
+    model = tiny("llava")
+    second = make_batch("llava", model, (0,))
+    with pytest.raises(vlmplug.MethodConfigError, match="its own label"):
+        PassMix(model, second.inputs, label="main")

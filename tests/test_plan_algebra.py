@@ -171,3 +171,56 @@ def test_selection_type():
     with vlmplug.apply(model, vlmplug.Record(layers="1:")) as h, torch.no_grad():
         model(**batch.inputs)
         assert h.result("record").layers == [1]
+
+
+def test_droppers_must_not_meet_in_any_pass():
+    model = tiny("llava")
+    x = [vlmplug.VisionZip(keep_tokens=2), vlmplug.Cluster(keep_tokens=2), vlmplug.HiPrune(keep_tokens=2, object_layer=0)]
+    with pytest.raises(vlmplug.MethodConfigError, match="each choose which tokens to drop"):  # pairwise, not n-way
+        vlmplug.apply(model, x, passes={"visionzip": ["a", "b"], "cluster": ["b", "c"], "hiprune": ["a", "c"]})
+    _untouched(model)
+    gemma = tiny("gemma3")  # its pre-LLM cut is layer 1 (sliding layer 0), fastv's layer too: one selection layer
+    with pytest.raises(vlmplug.MethodConfigError, match="pre-LLM selection and an in-LLM one"):
+        vlmplug.apply(gemma, [vlmplug.Cluster(), vlmplug.FastV(layer=1)], passes={"cluster": ["a"], "fastv": ["b"]})
+    assert "_vlmplug_handle" not in vars(gemma)
+    batch = make_batch("llava", model, (1,))
+    with vlmplug.apply(model, x[:2], passes={"visionzip": ["main"], "cluster": ["other"]}) as h, torch.no_grad():
+        model(**batch.inputs)
+        assert h.session.state.keep is not None
+
+
+def test_a_forward_that_raised_leaves_the_next_one_clean():
+    """A forward that fails midway (here a plan conflict) must not leave the session 'inside a forward': the next
+    generate() would apply its feature plans to the previous prompt's layout."""
+    model = tiny("llava")
+    a = make_batch("llava", model, (1,), seed=0)
+    b = make_batch("llava", model, (1,), seed=4, text_lens=[11])
+    with torch.no_grad():
+        with vlmplug.apply(model, [Sinker(declare=False), Sinker2(declare=False), vlmplug.Cluster(keep_tokens=2)]) as h:
+            with pytest.raises(PlanConflict):
+                model(**a.inputs)
+            assert not h.session.in_forward
+            h.method("_sinker2").layers = ()  # no conflict any more
+            h.method("_sinker").layers = ()
+            got = model.generate(**b.inputs, max_new_tokens=3, do_sample=False)
+        with vlmplug.apply(model, vlmplug.Cluster(keep_tokens=2)):
+            want = model.generate(**b.inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_image_keys_per_query_head_on_a_pruned_cache():
+    model = tiny("llava")  # GQA: 4 query heads, 2 KV heads
+    batch = make_batch("llava", model, (1, 1))
+    m = Masks()
+    with vlmplug.apply(model, [m, vlmplug.PLPHP(start_layer=1, keep_tokens=2)]) as h, torch.no_grad():
+        model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
+        lay = h.layout
+    per_head = [s for s in m.seen if s[2].dim() == 3]  # decode calls of the pruned layer
+    assert per_head
+    for phase, q_pos, k_pos, image_keys, text_queries, cached in per_head:
+        B, Hkv, S = k_pos.shape
+        assert image_keys.shape == (B, 2 * Hkv, S)
+        for b, s in enumerate(lay.samples):
+            img = set(s.image_positions.tolist())
+            for hq in range(2 * Hkv):
+                assert image_keys[b, hq].tolist() == [int(p) in img for p in k_pos[b, hq // 2]]

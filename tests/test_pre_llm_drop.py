@@ -135,3 +135,23 @@ def test_beam_search_on_the_padded_cache(fam, monkeypatch):
     for a, b in zip(padded.scores, masked.scores):
         finite = torch.isfinite(a)
         assert torch.equal(finite, torch.isfinite(b)) and (a[finite] - b[finite]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("method", ["visionzip", "cluster"])
+def test_generate_without_a_cache_keeps_the_selection_every_step(fam, method):
+    """generate(use_cache=False) re-runs the whole sequence each step with the encoder outputs of the first (5.24:
+    `mm_encoder_outputs`, no new image-feature call): every step keeps the same tokens, as the cached run does."""
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1,))
+    gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with vlmplug.apply(model, method, keep_tokens=2) as h, torch.no_grad():
+        cached = model.generate(**batch.inputs, **gen)
+        keep = h.session.state.keep.clone()
+        uncached = model.generate(**batch.inputs, use_cache=False, **gen)
+        last = h.session.state.keep[0]
+        L = batch.inputs["input_ids"].shape[1]
+        assert torch.equal(last[last < L], keep[0])  # the last step's prefill kept the same prompt positions
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        assert (a - b).abs().max() <= 1e-4

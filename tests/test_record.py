@@ -218,3 +218,26 @@ def test_attention_maps_project_every_view_onto_the_pixels(fam):
     assert px.dim() == 2 and (px >= 0).all()
     assert abs(float(px.sum()) - want) <= 1e-4 * max(1.0, want)
     assert repr(maps).startswith("AttentionMaps(layers=[0, 1]")
+
+
+def test_record_with_a_static_cache_matches_the_dynamic_cache():
+    """A static cache's prefill attends top-left aligned over its preallocated slots (SDPA's is_causal); the probes
+    must align the same way (they once saw future tokens there)."""
+    from transformers import DynamicCache, StaticCache
+
+    from vlmplug.compat import with_cache
+
+    model = tiny("llava")
+    batch = make_batch("llava", model, (1,))
+    tc = model.config.get_text_config(decoder=True)
+    L = batch.inputs["input_ids"].shape[1]
+    maps = {}
+    for impl in ("dynamic", "static"):
+        cache = DynamicCache(config=tc) if impl == "dynamic" else StaticCache(config=tc, max_cache_len=L + 10)
+        with vlmplug.apply(model, vlmplug.Record(queries="after_image")) as h, torch.no_grad():
+            model(**batch.inputs, **with_cache(model, cache), use_cache=True)
+            maps[impl] = h.result("record")
+    for li in maps["dynamic"].layers:
+        L = maps["dynamic"].rows[li].shape[-1]
+        assert torch.allclose(maps["static"].rows[li][..., :L], maps["dynamic"].rows[li], atol=1e-5)
+        assert torch.allclose(maps["static"].rows[li].sum(-1), torch.ones(1), atol=1e-5)

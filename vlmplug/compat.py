@@ -28,6 +28,8 @@ ROLES: dict[str, tuple[str, ...]] = {
     "input_ids": ("input_ids",),
     "inputs_embeds": ("inputs_embeds",),
     "pixel_values": ("pixel_values",),
+    # 5.24: generate() encodes the images once and hands the encoder outputs to every forward that needs them
+    "mm_encoder_outputs": ("mm_encoder_outputs",),
     "position_ids": ("position_ids",),
     "position_embeddings": ("position_embeddings",),
     "hidden_states": ("hidden_states",),

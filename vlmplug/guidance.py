@@ -37,6 +37,9 @@ class PassMix(LogitsProcessor):
     def __init__(self, model, inputs: dict, mix: Callable | None = None, label: str = "second"):
         if "input_ids" not in inputs:
             raise MethodConfigError("PassMix needs the second prompt's input_ids")
+        if not isinstance(label, str) or not label or label == "main":
+            raise MethodConfigError(f"PassMix: label={label!r}; the second pass needs its own label (not 'main', "
+                                    "the pass generate() itself runs)")
         self.model = model
         self.inputs = dict(inputs)
         self.mix = mix or cfg_mix(1.0)
@@ -52,9 +55,15 @@ class PassMix(LogitsProcessor):
                 f"PassMix: a left-padded second prompt on {type(model).__name__} (M-RoPE positions) is not supported; "
                 "run one prompt per call"
             )
+        self._mask0 = self.mask
         self.last_logits: torch.Tensor | None = None  # the second pass's logits at the latest step
         self._fed = 0  # tokens of generate()'s sequence already fed to the second pass
+        self._seen: torch.Tensor | None = None  # generate()'s sequence at the latest call
         self._held: dict = {}  # model attributes that carry per-prompt state (Qwen's rope_deltas)
+
+    def reset(self) -> None:
+        """Forget the second pass's cache: the next call starts it again (a new generate() call)."""
+        self.cache, self._fed, self._seen, self.mask, self._held = None, 0, None, self._mask0, {}
 
     def _swap(self) -> None:
         """Exchange model-held per-prompt state between the passes (Qwen-VL keeps rope_deltas on the model)."""
@@ -74,6 +83,13 @@ class PassMix(LogitsProcessor):
                 "num_return_sequences > 1 are not supported"
             )
         handle = self.model.__dict__.get("_vlmplug_handle")
+        if handle is not None and handle.active and handle.session._label == self.label:
+            raise MethodConfigError(f"PassMix: label {self.label!r} is the pass generate() is running in; choose another")
+        seen = self._seen
+        if self.cache is not None and (input_ids.shape[1] <= self._fed or seen is None
+                                       or not torch.equal(input_ids[:, : seen.shape[1]], seen)):
+            self.reset()  # a new generate() call (or a rolled-back sequence): start the second pass again
+        self._seen = input_ids.clone()
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
             kwargs = dict(self.inputs)

@@ -35,7 +35,10 @@ __all__ = ["Session", "LayerContext", "ForwardState"]
 
 
 def _disjoint_passes(methods) -> bool:
-    return all(m.passes is not None for m in methods) and not frozenset.intersection(*[m.passes for m in methods])
+    """No pass has two of these methods active."""
+    if any(m.passes is None for m in methods):
+        return False
+    return all(not (a.passes & b.passes) for i, a in enumerate(methods) for b in methods[i + 1:])
 
 
 class Session:
@@ -57,8 +60,10 @@ class Session:
     def _check_exclusive_edits(self) -> None:
         """Edits that do not compose (redistribution) must not meet in one layer of one pass: refused before patching."""
         seen: dict[str, list] = {}
+        n = self.adapter.num_layers
         for m in self.methods:
             for edit, layers in m.edit_layers().items():
+                layers = None if layers is None else {li % n for li in layers}  # -1 and n-1 are one layer
                 for other, theirs, passes in seen.get(edit, []):
                     same_layer = layers is None or theirs is None or bool(set(layers) & set(theirs))
                     same_pass = m.passes is None or passes is None or bool(m.passes & passes)
@@ -87,7 +92,7 @@ class Session:
                 ins.set_attr(m, "_vlmplug_vision_idx", i)
         base = ad.base_model
         ins.hook(base.register_forward_pre_hook(self._on_base_forward, with_kwargs=True))
-        ins.hook(base.register_forward_hook(self._after_base_forward))
+        ins.hook(base.register_forward_hook(self._after_base_forward, always_call=True))
         self.features.install(ins, base)
         droppers = [m for m in self.methods if m.drop_layer is not None]
         drop_layers = {m.drop_layer for m in droppers}
@@ -97,6 +102,11 @@ class Session:
             raise MethodConfigError(
                 f"{[m.name for m in droppers]} each choose which tokens to drop; one prompt has one selection: "
                 "apply one of them (or limit them to different passes with passes=)"
+            )
+        if len({m.hide_before for m in droppers}) > 1:  # the selection layer is one for every pass
+            raise MethodConfigError(
+                f"{[m.name for m in droppers]}: a pre-LLM selection and an in-LLM one cannot share a model, even in "
+                "different passes; apply one of them"
             )
         if drop_layers:
             from .backend.drop import install_drop_hooks
@@ -192,12 +202,13 @@ class Session:
             m.begin_forward(self)
         self.in_forward = True
         if st.phase == "prefill":
-            self.features.at_prefill()
+            self.features.at_prefill(compat.read(kwargs, "mm_encoder_outputs") is not None)
         return None
 
     def _after_base_forward(self, module, args, output):
-        self.in_forward = False
-        self.verify_forward()
+        self.in_forward = False  # also when the forward raised (always_call): the next call starts clean
+        if output is not None:
+            self.verify_forward()
         return None
 
     def verify_forward(self) -> None:

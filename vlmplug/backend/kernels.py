@@ -40,7 +40,8 @@ def visible(attention_mask, is_causal_module: bool, rows: torch.Tensor, q_len: i
     if attention_mask is None:
         if not is_causal_module or q_len == 1:
             return None
-        qpos = rows + (S - q_len)  # key index of the query itself (top-left alignment when q_len == S)
+        # SDPA's is_causal aligns top-left (query i sees keys 0..i): a static cache's prefill has S > q_len here
+        qpos = rows
         return (torch.arange(S, device=device)[None, None, :] <= qpos[:, :, None])[:, None]
     m = attention_mask
     if m.shape[2] == 1:  # one row for every query (a key mask): broadcasts
@@ -89,7 +90,7 @@ def with_key_mask(attention_mask, key_mask: torch.Tensor, is_causal: bool, Lq: i
     if attention_mask is None:
         if not is_causal:
             return km
-        qpos = torch.arange(Lq, device=device) + (S - Lq)
+        qpos = torch.arange(Lq, device=device)  # is_causal's top-left alignment, as SDPA applies it
         return (torch.arange(S, device=device)[None, :] <= qpos[:, None])[None, None] & km
     if attention_mask.dtype == torch.bool:
         return attention_mask & km

@@ -136,7 +136,8 @@ class Method:
         cfg = self.__dict__.get("config")
         if cfg is not None and item in {f.name for f in fields(cfg)}:
             return getattr(cfg, item)
-        raise AttributeError(f"{type(self).__name__!s} has no attribute {item!r}")
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {item!r} (nor its config; if {item!r} is a "
+                             "property, an AttributeError raised inside it lands here)")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})" if self.config is not None else super().__repr__()

@@ -73,10 +73,15 @@ class FeatureInterceptor:
         return (feats,) + tuple(args[1:])
 
     # ------------------------------------------------------------ plans
-    def at_prefill(self) -> None:
-        """A prefill starts: features encoded before it (generate path) get their plans now."""
+    def at_prefill(self, reuses_encoder_outputs: bool) -> None:
+        """A prefill starts: features encoded before it (generate path) get their plans now. A prefill that reuses
+        encoder outputs already planned (generate(use_cache=False) hands the same ones to every step; their merged
+        rows were written into them) keeps the pass's latest selection."""
         if self._out is not None:
             self.apply()
+        elif reuses_encoder_outputs:
+            st = self.session.state
+            st.feature_keep = dict(st.last_feature_keep)
 
     def apply(self) -> None:
         out, self._out = self._out, None
@@ -99,7 +104,7 @@ class FeatureInterceptor:
             with torch.no_grad():
                 for i, new in plan.overwrite:
                     rows[i].copy_(new.to(rows[i].dtype))  # views of the tensors the model scatters into the prompt
-            session.state.feature_keep[m.name] = plan.keep
+            session.state.feature_keep[m.name] = session.state.last_feature_keep[m.name] = plan.keep
 
 
 def _rows_per_image(feats, sizes: list[int]) -> list[torch.Tensor] | None:

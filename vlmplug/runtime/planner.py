@@ -48,7 +48,8 @@ class LayerContext:
 
     @cached_property
     def image_keys(self) -> torch.Tensor | None:
-        """bool, shaped like k_pos: True at keys that are image tokens (None without a layout)."""
+        """bool [B, S]: True at keys that are image tokens; [B, Hq, S] (per query head, ready for `Redistribute`)
+        where keys differ per KV head (a pruned cache). None without a layout."""
         lay = self.layout
         if lay is None or self.k_pos is None:
             return None
@@ -56,7 +57,8 @@ class LayerContext:
         kp = self.k_pos.to(self.device)
         if kp.dim() == 2:
             return torch.gather(img, 1, kp)
-        return torch.gather(img[:, None, :].expand(-1, kp.shape[1], -1), 2, kp)
+        per_kv = torch.gather(img[:, None, :].expand(-1, kp.shape[1], -1), 2, kp)
+        return per_kv.repeat_interleave(self.num_heads // kp.shape[1], dim=1)
 
     @cached_property
     def text_queries(self) -> torch.Tensor | None:

@@ -39,8 +39,10 @@ class ForwardState:
     # KV pruning (backend/kvprune.py)
     kv_index: dict = field(default_factory=dict)  # layer -> [B, Hkv, S'] logical positions kept in the cache
     kv_dead: dict = field(default_factory=dict)  # layer -> [B, Hkv, S'] padding slots of ragged KV keeps
-    # feature plans: method name -> its kept rows per image, waiting for the drop at this prompt's prefill
+    # feature plans: method name -> its kept rows per image ((sample, image index) -> rows), waiting for the drop at
+    # this prompt's prefill; the latest ones also serve later prefills that reuse the same encoder outputs
     feature_keep: dict = field(default_factory=dict)
+    last_feature_keep: dict = field(default_factory=dict)
 
     def begin_prompt(self, input_ids, attention_mask, q_len: int, sizes, drop_layer: int | None) -> None:
         """A prefill: forget the previous prompt of this pass."""
@@ -53,6 +55,7 @@ class ForwardState:
         self.keep = self.dead = self.hidden = None
         self.drop_layer = self.cache_cut = drop_layer
         self.kv_index, self.kv_dead = {}, {}
+        self.feature_keep = {}
 
     def begin_decode(self, past: int, q_len: int) -> None:
         self.phase = "decode"

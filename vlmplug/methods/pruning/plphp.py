@@ -112,7 +112,7 @@ class PLPHPRunner(Method):
             rows = [torch.cat([text, img[order[h]]]).sort().values for h in range(Hkv)]
             keeps.append(torch.stack(rows))
             kept.append(k)
-        self._kept[li] = kept
+        self._kept.setdefault(ctx.label, {})[li] = kept
         return keeps
 
     def stats(self):
@@ -126,5 +126,5 @@ class PLPHPRunner(Method):
             lens[li] = int(idx.shape[-1])
         out = drop_stats(s, lens)
         out["flops_saved"] = 0.0  # prefill is unchanged; the saving is in decode attention and KV memory
-        out["image_tokens_kept_per_layer"] = {li: v for li, v in sorted(self._kept.items())}
+        out["image_tokens_kept_per_layer"] = {li: v for li, v in sorted(self._kept.get(s.state.label, {}).items())}
         return out

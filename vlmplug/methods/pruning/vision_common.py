@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ...backend.plan import FeaturePlan
-from ...errors import MethodConfigError
+from ... import compat
+from ...errors import MethodConfigError, TransformersMismatchError
 from ..base import Method, MethodConfig
 from .common import budget, check_budget, token_drop_stats
 
@@ -41,8 +42,9 @@ class PreLLMSelection(Method):
     def feature_plan(self, rows, images, session):
         """rows[i]: [n_i, D] features of images[i] = (sample index, ImageLayout): each image's kept rows, and its
         new features where the method merges tokens."""
-        plan, done = FeaturePlan(), {}
+        plan, done, nth = FeaturePlan(), {}, {}
         for i, (x, (b, im)) in enumerate(zip(rows, images)):
+            j = nth[b] = nth.get(b, -1) + 1  # the image's place in its sample
             first = done.get(im.index) if im.index is not None else None
             if first is not None:  # a row generate() repeated (beams): the same image, the same selection
                 kept, new = first
@@ -51,7 +53,7 @@ class PreLLMSelection(Method):
                 kept = kept.cpu().sort().values
                 if im.index is not None:
                     done[im.index] = (kept, new)
-            plan.keep[(b, id(im))] = kept
+            plan.keep[(b, j)] = kept
             if new is not None:
                 plan.overwrite.append((i, new))
         return plan
@@ -70,9 +72,13 @@ class PreLLMSelection(Method):
         for b, s in enumerate(lay.samples):
             pos = torch.arange(ctx.q_len)
             parts = [pos[~torch.isin(pos, s.image_positions)]]
-            for im in s.images:
-                rows = sel.get((b, id(im)))
-                parts.append(im.positions if rows is None else im.positions[rows])
+            for j, im in enumerate(s.images):
+                rows = sel.get((b, j))
+                if rows is None:
+                    raise TransformersMismatchError(
+                        f"{self.name}: no selection for image {j} of sample {b}: its features were not seen by "
+                        f"the image-feature call of this prompt; {compat.version_note()}")
+                parts.append(im.positions[rows])
             keeps.append(torch.cat(parts).sort().values)
         return keeps
 
