@@ -199,8 +199,8 @@ class Method:
         """What the method did in the latest prefill (tokens kept, KV bytes, ...): plain data."""
         return {}
 
-    def result(self):
-        """The method's typed result of the latest forward (e.g. `AttentionMaps`), or None."""
+    def result(self, label: str = "main"):
+        """The method's typed result of the latest forward of pass `label` (e.g. `AttentionMaps`), or None."""
         return None
 
     def verify(self, session) -> str | None:
