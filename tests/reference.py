@@ -2,6 +2,7 @@
 
 `eager_kernel` materialises the full softmax matrix and applies each edit on it directly:
   bias          scores + b[h, key]
+  amplify       s + alpha |s| at the chosen keys of the chosen rows (after the bias, before the mask; PAI)
   redistribute  a'_sink = (1-p) a_sink;  a'_t = a_t + p * (sum_sink a) * a_t / (sum_targets a)
                 (sinks / targets per head or shared, p per head or per head and row)
   head scale    o_h * s_h (per row where given)
@@ -29,13 +30,20 @@ def full_mask(module, attention_mask, Lq, S, kwargs, device):
     return (j <= i)[None, None]
 
 
-def eager_softmax(module, q, k, attention_mask, scaling, kwargs, bias=None):
+def eager_softmax(module, q, k, attention_mask, scaling, kwargs, bias=None, amplify=None):
     B, Hq, Lq, D = q.shape
     k = _expand(k, Hq // k.shape[1])
     scale = scaling if scaling is not None else D**-0.5
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
     if bias is not None:
         scores = scores + bias[:, :, None, :].double()
+    if amplify is not None:  # PAI, written from the paper: s[..., row, img] += alpha * |s[..., row, img]|
+        keys = amplify.keys.to(scores.device)
+        keys = keys[:, None, None, :] if keys.dim() == 2 else keys[:, :, None, :]
+        chosen = amplify.rows.to(scores.device)[:, None, :, None] & keys
+        alpha = amplify.alpha.double().to(scores.device)
+        alpha = alpha.view(1, -1, 1, 1) if alpha.dim() == 1 else alpha
+        scores = scores + chosen * alpha * scores.abs()
     m = full_mask(module, attention_mask, Lq, k.shape[2], kwargs, q.device)
     if m.dtype == torch.bool:
         scores = scores.masked_fill(~m, float("-inf"))
@@ -55,7 +63,7 @@ def _per_head_row(x, B, Hq, Lq):
 
 def eager_kernel(module, q, k, v, attention_mask, scaling, kwargs, plan):
     B, Hq, Lq, D = q.shape
-    a = eager_softmax(module, q, k, attention_mask, scaling, kwargs, plan.bias)
+    a = eager_softmax(module, q, k, attention_mask, scaling, kwargs, plan.bias, plan.amplify)
     for p in plan.probes:
         sel = p.select.to(a.device).double()
         cnt = sel.sum(-1)

@@ -9,7 +9,7 @@ import torch
 import vlmplug
 from conftest import tiny
 from reference import eager_kernel, masked_eager_attention, register_reference
-from vlmplug.backend.plan import LayerPlan, PlanConflict, Probe, Redistribute, head_scale_tensor
+from vlmplug.backend.plan import Amplify, LayerPlan, PlanConflict, Probe, Redistribute, head_scale_tensor
 from vlmplug.compat import output_cache
 from vlmplug.methods.base import Method
 from vlmplug.testing.tiny import make_batch
@@ -28,6 +28,7 @@ class Edits(Method):
     probe: bool = False
     per_head: bool = False  # sinks / targets differ per query head; fraction per head and query row
     scale_rows: bool = False  # head scale only on some query rows, composed with a second, per-head scale
+    amplify: float = 0.0  # PAI's s + alpha |s| on image keys, per head, on the last and some random query rows
     rows: dict = field(default_factory=dict)
 
     def layer_plan(self, ctx):
@@ -56,6 +57,12 @@ class Edits(Method):
                 plan.redistribute = Redistribute(sinks=sinks, targets=targets, fraction=frac.to(ctx.device))
             else:
                 plan.redistribute = Redistribute(sinks=sinks, targets=img, fraction=frac)
+        if self.amplify:
+            g = torch.Generator().manual_seed(53 + ctx.layer_idx)
+            rows = torch.rand(B, ctx.q_len, generator=g) < 0.3
+            rows[:, -1] = True
+            alpha = torch.linspace(self.amplify / 2, self.amplify, ctx.num_heads)
+            plan.amplify = Amplify(keys=img, alpha=alpha, rows=rows.to(ctx.device))
         if self.head_scale is not None:
             plan.head_scale = torch.tensor(self.head_scale, dtype=torch.float32)
             if self.scale_rows:  # the first scale on the last query row only, then a second plan's scale merged in
@@ -89,6 +96,9 @@ EDITS = {
     "head_scale": dict(head_scale=(0.0, 0.5, 1.0, 2.0)),
     "all": dict(bias=2.0, fraction=0.4, head_scale=(1.5, 1.0, 0.5, 1.0), probe=True),
     "per_head_rows": dict(fraction=0.7, per_head=True, head_scale=(0.0, 2.0, 1.0, 0.5), scale_rows=True),
+    "amplify": dict(amplify=0.9),
+    "amplify_bias_probe_scale": dict(amplify=0.7, bias=2.0, probe=True, head_scale=(1.5, 1.0, 0.5, 1.0),
+                                     scale_rows=True),
     "all_per_head": dict(bias=2.0, fraction=0.5, per_head=True, head_scale=(1.5, 1.0, 0.5, 1.0), scale_rows=True,
                          probe=True),
 }

@@ -40,6 +40,12 @@ from vlmplug.testing.tiny import FAMILIES, build_tiny_model, make_batch, split_b
 # "unknown parameter" is checked for every method without being listed.
 # --------------------------------------------------------------------------------------------------------------------
 CONTRACT: dict[str, dict] = {
+    "pai": dict(
+        active=dict(alpha=0.5, layers="1:"),  # the tiny text models have 2 layers; the default "2:" selects none
+        identity=dict(alpha=0.0, layers="1:"),
+        invalid_config=[dict(alpha=-0.1), dict(alpha=float("inf")), dict(layers="x")],
+        invalid_model=[dict(layers=[5]), dict(layers="2:")],
+    ),
     "record": dict(
         active={},  # record never changes outputs: its "active" run is its identity run
         identity={},

@@ -48,7 +48,7 @@ def _untouched(model):
 
 def test_two_redistributions_in_one_layer_are_refused_before_patching():
     model = tiny("llava")
-    with pytest.raises(vlmplug.MethodConfigError, match=r"_sinker and _sinker2 both redistribute attention in \[1\]"):
+    with pytest.raises(vlmplug.MethodConfigError, match=r"_sinker and _sinker2 both redistribute or amplify attention in \[1\]"):
         vlmplug.apply(model, [Sinker(layers=(0, 1)), Sinker2(layers=(1,))])
     _untouched(model)
     # different layers, or different passes: allowed

@@ -26,6 +26,7 @@ _CONFIGS = {
     "HiPrune": "vlmplug.methods.pruning.hiprune",
     "FlowCut": "vlmplug.methods.pruning.flowcut",
     "Cluster": "vlmplug.methods.pruning.cluster",
+    "PAI": "vlmplug.methods.attention.pai",
 }
 
 __all__ = [

@@ -18,6 +18,7 @@ _METHOD_MODULES = (
     "vlmplug.methods.pruning.hiprune",
     "vlmplug.methods.pruning.visionzip",
     "vlmplug.methods.pruning.flowcut",
+    "vlmplug.methods.attention.pai",
 )
 _ADAPTER_MODULES = (
     "vlmplug.adapters.llava",

@@ -64,6 +64,7 @@ class Session:
         for m in self.methods:
             for edit, layers in m.edit_layers().items():
                 layers = None if layers is None else {li % n for li in layers}  # -1 and n-1 are one layer
+                edit = "redistribute or amplify" if edit in ("redistribute", "amplify") else edit  # same rows
                 for other, theirs, passes in seen.get(edit, []):
                     same_layer = layers is None or theirs is None or bool(set(layers) & set(theirs))
                     same_pass = m.passes is None or passes is None or bool(m.passes & passes)

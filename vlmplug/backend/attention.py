@@ -32,6 +32,8 @@ def vlmplug_attention(module, query, key, value, attention_mask, scaling=None, d
     if kwargs.get("softcap") is not None:
         raise ValueError("vlmplug: attention logit soft-capping is not supported by the SDPA backend")
     out = session.kernel(module, query, key, value, attention_mask, scaling, kwargs, plan)
+    if plan.amplify is not None and getattr(module, "layer_idx", None) is not None:
+        session.state.effects.add(("amplify", module.layer_idx))  # checked by the method's verify
     return out, None
 
 

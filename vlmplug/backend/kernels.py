@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .plan import LayerPlan, Probe
+from .plan import LayerPlan, PlanConflict, Probe
 
 PROBE_CHUNK = 256  # query rows per probe chunk: bounds probe memory at PROBE_CHUNK x S per head
 
@@ -50,30 +50,77 @@ def visible(attention_mask, is_causal_module: bool, rows: torch.Tensor, q_len: i
     return torch.gather(m.expand(rows.shape[0], *m.shape[1:]) if m.shape[0] == 1 else m, 2, idx)
 
 
-def run_probe(module, probe: Probe, query, key, attention_mask, scaling, causal_module, bias=None) -> None:
-    B, Hq, Lq, D = query.shape
+def amplified(scores: torch.Tensor, amp, rows: torch.Tensor) -> torch.Tensor:
+    """PAI's s + alpha |s| at amp.keys, for the gathered query rows `rows` [B, n] of scores [B, Hq, n, S]."""
+    sel = torch.gather(amp.rows.to(rows.device), 1, rows)  # [B, n]: which of these rows are amplified
+    keys = amp.keys.to(scores.device)
+    keys = keys[:, None, None, :] if keys.dim() == 2 else keys[:, :, None, :]
+    a = amp.alpha.to(scores.device, torch.float32)
+    a = a.view(1, -1, 1, 1) if a.dim() == 1 else a
+    return torch.where(sel[:, None, :, None] & keys, scores + a * scores.abs(), scores)
+
+
+def _row_scores(query, key, rows, scaling, bias, amp, attention_mask, causal_module, Lq):
+    """Softmax logits of the gathered query rows `rows` [B, n] ([B, Hq, n, S], float32), every edit before the
+    softmax applied: bias, amplification, mask."""
+    B, Hq, _, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     G = Hq // Hkv
+    q = torch.gather(query, 2, rows[:, None, :, None].expand(B, Hq, rows.shape[1], D)).float()
+    q = q.view(B, Hkv, G, rows.shape[1], D)
+    scores = (q @ key.float().view(B, Hkv, 1, S, D).transpose(-1, -2)).view(B, Hq, rows.shape[1], S) * scaling
+    if bias is not None:
+        scores = scores + bias[:, :, None, :].to(scores.device, torch.float32)
+    if amp is not None:
+        scores = amplified(scores, amp, rows)
+    m = visible(attention_mask, causal_module, rows, Lq, S, query.device)
+    if m is not None:
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    return scores
+
+
+def _selected(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices [B, nmax] of the selected rows (padded with unselected ones) and bool [B, nmax]: a real selection."""
+    nmax = int(sel.sum(-1).max())
+    order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)[:, :nmax]
+    return order, torch.gather(sel, 1, order)
+
+
+def amplified_rows(plan: LayerPlan, query, key, value, attention_mask, scaling, causal_module, out):
+    """`out` [B, Hq, Lq, Dv] with the rows `plan.amplify.rows` recomputed exactly under the amplification (and the
+    bias); O(rows x S), never L x L."""
+    B, Hq, Lq, _ = query.shape
+    Hkv, S, Dv = key.shape[1], key.shape[2], value.shape[-1]
+    sel = plan.amplify.rows.to(query.device)
+    if not bool(sel.any()):
+        return out
+    order, real = _selected(sel)
+    new = []
+    for s in range(0, order.shape[1], PROBE_CHUNK):
+        rows = order[:, s : s + PROBE_CHUNK]
+        p = torch.softmax(_row_scores(query, key, rows, scaling, plan.bias, plan.amplify, attention_mask,
+                                      causal_module, Lq), dim=-1).nan_to_num(0.0)
+        o = p.view(B, Hkv, Hq // Hkv, rows.shape[1], S) @ value.float().view(B, Hkv, 1, S, Dv)
+        new.append(o.view(B, Hq, rows.shape[1], Dv))
+    new = torch.cat(new, 2)
+    idx = order[:, None, :, None].expand(B, Hq, order.shape[1], Dv)
+    new = torch.where(real[:, None, :, None], new.to(out.dtype), torch.gather(out, 2, idx))
+    return out.scatter(2, idx, new)
+
+
+def run_probe(module, probe: Probe, query, key, attention_mask, scaling, causal_module, bias=None, amp=None) -> None:
+    B, Hq, Lq, D = query.shape
+    S = key.shape[2]
     sel = probe.select.to(query.device)
     counts = sel.sum(-1)
-    nmax = int(counts.max()) if B else 0
     out = torch.zeros(B, Hq, S, dtype=torch.float32, device=query.device)
-    if nmax:
-        # indices of the selected rows, padded with row 0 (weight 0)
-        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)[:, :nmax]
-        weight = torch.gather(sel, 1, order).float()
-        kf = key.float().view(B, Hkv, 1, S, D)
-        for s in range(0, nmax, PROBE_CHUNK):
+    if B and int(counts.max()):
+        order, real = _selected(sel)  # selected rows first, padded with unselected ones (weight 0)
+        weight = real.float()
+        for s in range(0, order.shape[1], PROBE_CHUNK):
             rows = order[:, s : s + PROBE_CHUNK]
             w = weight[:, s : s + PROBE_CHUNK]
-            q = torch.gather(query, 2, rows[:, None, :, None].expand(B, Hq, rows.shape[1], D)).float()
-            q = q.view(B, Hkv, G, rows.shape[1], D)
-            scores = (q @ kf.transpose(-1, -2)).view(B, Hq, rows.shape[1], S) * scaling
-            if bias is not None:
-                scores = scores + bias[:, :, None, :].to(scores.device, torch.float32)
-            m = visible(attention_mask, causal_module, rows, Lq, S, query.device)
-            if m is not None:
-                scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+            scores = _row_scores(query, key, rows, scaling, bias, amp, attention_mask, causal_module, Lq)
             p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
             out += (p * w[:, None, :, None]).sum(2)
         out = out / counts.clamp(min=1)[:, None, None]
@@ -112,7 +159,7 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
         tap(query, key, value, attention_mask, scale)
 
     for probe in plan.probes:
-        run_probe(module, probe, query, key, attention_mask, scale, causal_module, plan.bias)
+        run_probe(module, probe, query, key, attention_mask, scale, causal_module, plan.bias, plan.amplify)
     if plan.read_only:  # nothing edits the output: transformers' own SDPA call, bit-identical to the unpatched model
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -165,6 +212,10 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
         if rd.rows is not None:
             new = torch.where(rd.rows.to(o.device)[:, None, :, None], new, out.float())
         out = new.to(out.dtype)
+    if plan.amplify is not None:
+        if rd is not None:
+            raise PlanConflict("one plan both redistributes and amplifies attention; they rewrite the same rows")
+        out = amplified_rows(plan, query, key, value, attention_mask, scale, causal_module, out)
     if plan.head_scale is not None:
         hs = plan.head_scale.to(out.device, out.dtype)
         out = out * (hs.view(1, Hq, 1, 1) if hs.dim() == 1 else hs.view(B, Hq, -1, 1))  # [B, Hq] or [B, Hq, Lq]

@@ -7,13 +7,15 @@ Order of the edits inside one call (the kernel and the eager reference both foll
   1. key_mask       removed keys leave the call (as if the tokens were gone)
   2. taps           read q / k / v (and the mask) as the call received them
   3. bias           an additive logit term per head and key
-  4. probes         softmax rows of selected queries: with the bias, before redistribution and head scaling
+     amplify        s <- s + alpha |s| at chosen keys of chosen query rows (PAI; exact: those rows are recomputed)
+  4. probes         softmax rows of selected queries: with the bias and amplification, before redistribution and
+                    head scaling
   5. softmax
   6. redistribute   move a fraction of the mass on sink keys to target keys, per head and query row
   7. head_scale     multiply each head's output (per row where given), before o_proj
 Merging two methods' plans (`LayerPlan.merge`): probes and taps accumulate, key masks intersect, biases add,
-head scales multiply (per row), and a second redistribution in the same call is refused (`PlanConflict`):
-redistributions do not commute. Methods declare the layers they redistribute in (`Method.edit_layers`) so
+head scales multiply (per row), and a second redistribution or amplification in the same call, or both
+together, is refused (`PlanConflict`): they rewrite the same softmax rows and do not commute. Methods declare the layers they redistribute in (`Method.edit_layers`) so
 `apply()` refuses such a combination before patching.
 """
 from __future__ import annotations
@@ -66,6 +68,21 @@ class Redistribute:
 Tap = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
 
 
+@dataclass
+class Amplify:
+    """PAI's logit amplification on chosen query rows: s <- s + alpha * |s| at `keys` (the scaled logits, after the
+    bias, before the mask), then softmax. The change depends on the score itself, so it is no additive mask: the
+    chosen rows are recomputed exactly from q.K^T (O(rows x S)) and SDPA keeps every other row.
+
+    keys: bool [B, S] or per query head [B, Hq, S]; alpha: float [Hq] (per head) or a 0-d tensor;
+    rows: bool [B, Lq].
+    """
+
+    keys: torch.Tensor
+    alpha: torch.Tensor
+    rows: torch.Tensor
+
+
 def head_scale_tensor(scale: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """A head scale limited to query rows: scale [Hq] or [B, Hq], rows bool [B, Lq] -> float [B, Hq, Lq] (1 elsewhere)."""
     if rows is None:
@@ -96,16 +113,17 @@ class LayerPlan:
     head_scale: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None  # bool [B, S]: keys every query may see (False = removed token)
     taps: list[Tap] = field(default_factory=list)
+    amplify: Amplify | None = None
 
     @property
     def read_only(self) -> bool:
         """Only probes and taps: the call's output is the model's own attention, unchanged."""
-        return self.bias is None and self.redistribute is None and self.head_scale is None and self.key_mask is None
+        return (self.bias is None and self.redistribute is None and self.head_scale is None and self.key_mask is None
+                and self.amplify is None)
 
     @property
     def empty(self) -> bool:
-        return (not self.probes and self.bias is None and self.redistribute is None and self.head_scale is None
-                and self.key_mask is None and not self.taps)
+        return not self.probes and not self.taps and self.read_only
 
     def merge(self, other: "LayerPlan") -> None:
         """Compose another method's requests: probes and taps accumulate, biases add, head scales multiply,
@@ -126,10 +144,14 @@ class LayerPlan:
                 self.head_scale = _as_rows(a, B, Lq) * _as_rows(b, B, Lq)
             else:
                 self.head_scale = self.head_scale * other.head_scale
+        rewrites = [x for x in (self.redistribute, self.amplify, other.redistribute, other.amplify) if x is not None]
+        if len(rewrites) > 1:
+            raise PlanConflict("two methods redistribute or amplify attention in the same layer; apply them to "
+                               "different layers")
         if other.redistribute is not None:
-            if self.redistribute is not None:
-                raise PlanConflict("two methods redistribute attention in the same layer; apply them to different layers")
             self.redistribute = other.redistribute
+        if other.amplify is not None:
+            self.amplify = other.amplify
 
 
 @dataclass

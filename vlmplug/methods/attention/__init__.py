@@ -1,0 +1,1 @@
+"""Attention redistribution: methods that change how much the model attends to the image."""
