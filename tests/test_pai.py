@@ -97,3 +97,52 @@ def test_pai_refuses_a_redistribution_in_the_same_layer():
     batch = make_batch("llava", model, (1,))
     with vlmplug.apply(model, [Sinker(layers=(0,)), vlmplug.PAI(layers=[1])]), torch.no_grad():
         model(**batch.inputs)
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl", "gemma3"])
+def test_pai_cfg_branch_equals_hand_reference(fam):
+    """handle.guidance(inputs): the text-only branch (the prompt without its image tokens), mixed as in the paper with
+    the plausibility cutoff; checked against each branch decoded alone and the formula written out."""
+    import math
+
+    from test_passes import _forced, _suppressed
+
+    gamma, beta = 1.5, 0.1
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1,))
+    cfg = vlmplug.PAI(alpha=ALPHA, layers=[1], gamma=gamma, beta=beta)
+    with torch.no_grad(), vlmplug.apply(model, cfg) as h:
+        procs = h.guidance(batch.inputs)
+        text = procs[0].inputs
+        g = model.generate(**batch.inputs, logits_processor=procs, max_new_tokens=3, do_sample=False,
+                           output_scores=True, return_dict_in_generate=True)
+        new = g.sequences[:, batch.inputs["input_ids"].shape[1]:]
+        main = _forced(model, batch.inputs, new)  # PAI's attention intervention on the image prompt
+    img = {p for im in batch.truth[0] for p in im.positions}
+    ids = batch.inputs["input_ids"][0]
+    assert text["input_ids"][0].tolist() == [int(t) for i, t in enumerate(ids) if i not in img]
+    assert "pixel_values" not in text
+    with torch.no_grad():
+        uncond = _forced(model, text, new)  # the text-only branch: unpatched (it has no image)
+    cond = torch.log_softmax(_suppressed(model, main).double(), -1)
+    ref = gamma * cond - (gamma - 1) * torch.log_softmax(uncond.double(), -1)
+    ref = ref.masked_fill(cond < cond.max(-1, keepdim=True).values + math.log(beta), float("-inf"))
+    scores = torch.stack(g.scores).double()
+    assert torch.equal(torch.isfinite(scores), torch.isfinite(ref))
+    fin = torch.isfinite(ref)
+    assert (scores[fin] - ref[fin]).abs().max() <= 1e-4
+    assert torch.equal(new[0], ref.argmax(-1)[:, 0])
+
+
+def test_pai_warns_when_its_branch_is_missing():
+    model = tiny("llava")
+    batch = make_batch("llava", model, (1,))
+    with torch.no_grad(), vlmplug.apply(model, vlmplug.PAI(layers=[1])):
+        with pytest.warns(UserWarning, match="handle.guidance"):
+            model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
+    with torch.no_grad(), vlmplug.apply(model, vlmplug.PAI(layers=[1], gamma=1.0)):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)

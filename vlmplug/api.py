@@ -110,6 +110,14 @@ class Handle:
         layout, kept tokens and caches)."""
         return self.session.pass_(label)
 
+    def guidance(self, inputs: dict):
+        """Logits processors the applied methods need beside `model.generate(**inputs)` (e.g. PAI's text-only
+        CFG branch): `model.generate(**inputs, logits_processor=handle.guidance(inputs))`."""
+        from transformers import LogitsProcessorList
+
+        procs = [p for m in self.methods if (p := m.guidance(inputs)) is not None]
+        return LogitsProcessorList(procs)
+
     @property
     def layout(self):
         """Layout (image positions, grids, boxes) of the latest prompt, or None."""

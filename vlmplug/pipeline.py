@@ -123,6 +123,13 @@ def generate_info(
 
         with apply(model, methods, processor=processor, passes=passes, **(method_params or {})) as handle:
             handle.set_image_sizes([[im.size for im in images]])  # token boxes in the user's pixels
+            extra = handle.guidance(inputs)  # the methods' own second passes (PAI's text-only CFG branch)
+            if len(extra):
+                from transformers import LogitsProcessorList
+
+                generate_kwargs = dict(generate_kwargs)
+                generate_kwargs["logits_processor"] = LogitsProcessorList(
+                    [*generate_kwargs.get("logits_processor", []), *extra])
             start = time.perf_counter()  # generation only: patching is a one-off cost
             out = _run_generate(model, inputs, generate_kwargs)
             seconds = time.perf_counter() - start

@@ -194,6 +194,10 @@ class Method:
         {"redistribute": {2, 3}}; apply() refuses two methods that would redistribute in the same layer."""
         return {}
 
+    def guidance(self, inputs: dict):
+        """A logits processor the method needs beside generate() for these inputs (a second pass), or None."""
+        return None
+
     # ------------------------------------------------------------ results
     def stats(self) -> dict[str, Any]:
         """What the method did in the latest prefill (tokens kept, KV bytes, ...): plain data."""
