@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_backend import _hwm_kib, _reset_hwm, _rss_kib  # noqa: E402 - one way to read resident memory
+from bench_backend import peak_since, peak_start  # noqa: E402 - one way to read peak memory
 
 MODES = ("sdpa", "pai", "pai_eager")
 PAI_ALPHA, PAI_START = 0.2, 2
@@ -89,21 +89,13 @@ def worker(mode: str, args) -> dict:
         """prefill seconds, median decode seconds per token, prefill peak bytes"""
         cache = DynamicCache(config=text_cfg)
         sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            import gc
-
-            gc.collect()
-            base = _rss_kib() * 1024
-            _reset_hwm()
+        base = peak_start(cuda)
         t = time.perf_counter()
         with torch.inference_mode():
             out = model(**inp, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         sync()
         prefill = time.perf_counter() - t
-        peak = (torch.cuda.max_memory_allocated() if cuda else _hwm_kib() * 1024) - base
+        peak = peak_since(cuda, base)
         last_logits.append(out.logits[0, -1].float().cpu().tolist())
         tok, per = out.logits[:, -1:].argmax(-1), []
         for _ in range(steps):

@@ -48,6 +48,30 @@ def _reset_hwm() -> None:
         f.write("5")
 
 
+def peak_start(cuda: bool) -> int:
+    """Reset the peak-memory counter; returns the baseline (bytes) that `peak_since` subtracts."""
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    import gc
+
+    gc.collect()
+    base = _rss_kib() * 1024
+    _reset_hwm()
+    return base
+
+
+def peak_since(cuda: bool, base: int) -> int:
+    """Peak memory (bytes) since `peak_start`, on top of its baseline."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated() - base
+    return _hwm_kib() * 1024 - base
+
+
 def worker(mode: str, args) -> dict:
     import torch
 
@@ -83,17 +107,9 @@ def worker(mode: str, args) -> dict:
     if args.warmup:
         out = run()
         del out
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        import gc
-
-        gc.collect()
-        base = _rss_kib() * 1024
-        _reset_hwm()
+    base = peak_start(cuda)
     out = run()
-    peak = (torch.cuda.max_memory_allocated() if cuda else _hwm_kib() * 1024) - base
+    peak = peak_since(cuda, base)
     if handle is not None:
         maps = handle.image_attention()
         assert maps[0][0].shape[-2:] == (24, 24)
