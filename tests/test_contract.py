@@ -41,8 +41,9 @@ from vlmplug.testing.tiny import FAMILIES, build_tiny_model, make_batch, split_b
 # --------------------------------------------------------------------------------------------------------------------
 CONTRACT: dict[str, dict] = {
     "pai": dict(
-        active=dict(alpha=0.5, layers="1:"),  # the tiny text models have 2 layers; the default "2:" selects none
-        identity=dict(alpha=0.0, layers="1:"),
+        # the tiny text models have 2 layers (the default "2:" selects none); gamma=1: no CFG branch (test_pai.py)
+        active=dict(alpha=0.5, layers="1:", gamma=1.0),
+        identity=dict(alpha=0.0, layers="1:", gamma=1.0),
         invalid_config=[dict(alpha=-0.1), dict(alpha=float("inf")), dict(layers="x")],
         invalid_model=[dict(layers=[5]), dict(layers="2:")],
     ),

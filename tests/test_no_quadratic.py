@@ -64,7 +64,7 @@ def test_no_head_by_l_by_l_tensor_in_attention(fam):
         model.set_attn_implementation({"text_config": "sdpa"})
     # (a probe of many query rows costs rows x L by design, PROBE_CHUNK rows at a time; record reads one row)
     for methods in (["record"], [Edits(bias=2.0, fraction=0.5, head_scale=(1.0, 0.5, 1.0, 2.0))],
-                    [vlmplug.PAI(alpha=0.5, layers="0:")], [Edits(amplify=0.5, bias=1.0, probe=False)]):
+                    [vlmplug.PAI(alpha=0.5, layers="0:", gamma=1.0)], [Edits(amplify=0.5, bias=1.0, probe=False)]):
         with vlmplug.apply(model, methods):
             assert _largest(model, batch.inputs) < quadratic / 2, methods
 

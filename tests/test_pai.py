@@ -45,7 +45,7 @@ def test_pai_matches_the_paper_rule(family):
     positions = [sorted(p for im in imgs for p in im.positions) for imgs in batch.truth]
     with torch.no_grad():
         plain = model(**batch.inputs).logits
-        with vlmplug.apply(model, vlmplug.PAI(alpha=ALPHA, layers=[1])) as h:
+        with vlmplug.apply(model, vlmplug.PAI(alpha=ALPHA, layers=[1], gamma=1.0)) as h:
             out = model(**batch.inputs).logits
             g = model.generate(**batch.inputs, **GEN)
             assert h.stats["pai"]["layers"] == [1]
@@ -71,13 +71,13 @@ def test_pai_composes_with_record_and_pruning(fam):
     model = tiny(fam)
     batch = make_batch(fam, model, (1, 1))
     with torch.no_grad():
-        with vlmplug.apply(model, [vlmplug.Record(layers=[1]), vlmplug.PAI(alpha=ALPHA, layers=[1])]) as h:
+        with vlmplug.apply(model, [vlmplug.Record(layers=[1]), vlmplug.PAI(alpha=ALPHA, layers=[1], gamma=1.0)]) as h:
             model(**batch.inputs)
             boosted = h.result("record").rows[1]
         with vlmplug.apply(model, vlmplug.Record(layers=[1])) as h:
             model(**batch.inputs)
             plain = h.result("record").rows[1]
-        with vlmplug.apply(model, [vlmplug.FastV(layer=1, keep_ratio=0.5), vlmplug.PAI(alpha=ALPHA, layers=[1])]):
+        with vlmplug.apply(model, [vlmplug.FastV(layer=1, keep_ratio=0.5), vlmplug.PAI(alpha=ALPHA, layers=[1], gamma=1.0)]):
             model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
     img = torch.zeros_like(plain[:, 0], dtype=torch.bool)
     for b, imgs in enumerate(batch.truth):
