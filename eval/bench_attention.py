@@ -21,12 +21,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_backend import peak_since, peak_start  # noqa: E402 - one way to read peak memory
+from bench_backend import peak_since, peak_start, run_worker  # noqa: E402 - one way to measure
 
 MODES = ("sdpa", "pai", "pai_eager")
 PAI_ALPHA, PAI_START = 0.2, 2
@@ -144,12 +143,10 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode]
         for k in ("text_layers", "vision_layers", "decode_tokens", "reps", "device", "dtype", "threads"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode:
-            print(out.stderr, file=sys.stderr)
-            return out.returncode
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        res = run_worker(cmd)
+        if isinstance(res, int):
+            return res
+        results[mode] = res
         print(f"  measured {mode}: prefill {results[mode]['prefill']:.3f} s", file=sys.stderr)
     b = results["sdpa"]
     print(f"\nLLaVA-1.5-7B shapes, {args.text_layers} text / {args.vision_layers} vision layers, {b['seq_len']} tokens "

@@ -72,6 +72,18 @@ def peak_since(cuda: bool, base: int) -> int:
     return _hwm_kib() * 1024 - base
 
 
+def run_worker(cmd: list[str]) -> dict | int:
+    """Run one measurement worker in its own process (peak memory is then its own): its last stdout line as JSON, or
+    the worker's exit code (its stderr printed) when it failed."""
+    # large blocks via mmap and no heap hoarding: resident memory then follows live tensors
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        print(out.stderr, file=sys.stderr)
+        return out.returncode
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def worker(mode: str, args) -> dict:
     import torch
 
@@ -149,13 +161,10 @@ def main(argv=None) -> int:
         cmd += ["--shared-weights"] if args.shared_weights else []
         cmd += [] if args.warmup else ["--no-warmup"]
         cmd += ["--use-cache"] if args.use_cache else []
-        # large blocks via mmap and no heap hoarding: resident memory then follows live tensors
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode:
-            print(out.stderr, file=sys.stderr)
-            return out.returncode
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        res = run_worker(cmd)
+        if isinstance(res, int):
+            return res
+        results[mode] = res
         print(f"  measured {mode}: {results[mode]['seconds']:.3f} s", file=sys.stderr)
     base = results["sdpa"]
     print(f"\nLLaVA-1.5 shapes, {args.text_layers} text / {args.vision_layers} vision layers"

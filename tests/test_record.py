@@ -164,7 +164,7 @@ def test_record_bf16(fam):
 
 def _state(model):
     cfgs = {}
-    from vlmplug.session import _all_configs
+    from vlmplug.runtime.install import all_configs as _all_configs
 
     for c in _all_configs(model):
         cfgs[id(c)] = c._attn_implementation_internal

@@ -25,11 +25,9 @@ from .backend.plan import LayerPlan
 from .errors import LayoutError, MethodConfigError, TransformersMismatchError
 from .layout import Layout
 from .runtime.features import FeatureInterceptor
-from .runtime.install import Installer, all_configs
+from .runtime.install import Installer
 from .runtime.planner import LayerContext, Planner
 from .runtime.state import ForwardState
-
-_all_configs = all_configs  # the name tests know
 
 __all__ = ["Session", "LayerContext", "ForwardState"]
 
