@@ -4,7 +4,8 @@
   bias          scores + b[h, key]
   amplify       s + alpha |s| at the chosen keys of the chosen rows (after the bias, before the mask; PAI)
   redistribute  a'_sink = (1-p) a_sink;  a'_t = a_t + p * (sum_sink a) * a_t / (sum_targets a)
-                (sinks / targets per head or shared, p per head or per head and row)
+                (sinks / targets per head or shared, p per head or per head and row; with a gate, only rows where
+                sum_pool a >= min_mass and sum_targets a >= min_share * sum_pool a)
   head scale    o_h * s_h (per row where given)
   probe         mean over selected rows of softmax(scores) (with the bias, before redistribution)
 It plugs into the session in place of the fast kernel, so both see identical plans.
@@ -42,7 +43,7 @@ def eager_softmax(module, q, k, attention_mask, scaling, kwargs, bias=None, ampl
         keys = keys[:, None, None, :] if keys.dim() == 2 else keys[:, :, None, :]
         chosen = amplify.rows.to(scores.device)[:, None, :, None] & keys
         alpha = amplify.alpha.double().to(scores.device)
-        alpha = alpha.view(1, -1, 1, 1) if alpha.dim() == 1 else alpha
+        alpha = alpha.view(1, -1, 1, 1) if alpha.dim() == 1 else (alpha[:, :, None, :] if alpha.dim() == 3 else alpha)
         scores = scores + chosen * alpha * scores.abs()
     m = full_mask(module, attention_mask, Lq, k.shape[2], kwargs, q.device)
     if m.dtype == torch.bool:
@@ -77,6 +78,15 @@ def eager_kernel(module, q, k, v, attention_mask, scaling, kwargs, plan):
 
         iS, iT = per_head(rd.sinks), per_head(rd.targets)
         frac = _per_head_row(rd.fraction.double().to(a.device), B, Hq, Lq)
+        if rd.gate is not None:  # edit only where the pool gets >= min_mass and the targets >= min_share of it
+            pool = (a * per_head(rd.gate.pool)).sum(-1, keepdim=True)
+            tgt = (a * per_head(rd.targets)).sum(-1, keepdim=True)
+            chosen = (pool > 0) & (pool >= rd.gate.min_mass) & (tgt >= rd.gate.min_share * pool)
+            if rd.rows is not None:
+                chosen = chosen & rd.rows.to(a.device)[:, None, :, None]
+            frac = frac * chosen
+            if rd.gate.on_select is not None:
+                rd.gate.on_select((chosen & (frac > 0))[..., 0])
         mS = (a * iS).sum(-1, keepdim=True)
         mT = (a * iT).sum(-1, keepdim=True)
         new = a - frac * a * iS + frac * mS * (a * iT) / mT.clamp(min=1e-300)

@@ -9,7 +9,7 @@ import torch
 import vlmplug
 from conftest import tiny
 from reference import eager_kernel, masked_eager_attention, register_reference
-from vlmplug.backend.plan import Amplify, LayerPlan, PlanConflict, Probe, Redistribute, head_scale_tensor
+from vlmplug.backend.plan import Amplify, Gate, LayerPlan, PlanConflict, Probe, Redistribute, head_scale_tensor
 from vlmplug.compat import output_cache
 from vlmplug.methods.base import Method
 from vlmplug.testing.tiny import make_batch
@@ -29,6 +29,8 @@ class Edits(Method):
     per_head: bool = False  # sinks / targets differ per query head; fraction per head and query row
     scale_rows: bool = False  # head scale only on some query rows, composed with a second, per-head scale
     amplify: float = 0.0  # PAI's s + alpha |s| on image keys, per head, on the last and some random query rows
+    per_key: bool = False  # amplify with a strength per key (modPAI: two token sets, two strengths)
+    gate: tuple | None = None  # (min_mass, min_share): redistribute only where the image gets enough (VAR)
     rows: dict = field(default_factory=dict)
 
     def layer_plan(self, ctx):
@@ -57,11 +59,26 @@ class Edits(Method):
                 plan.redistribute = Redistribute(sinks=sinks, targets=targets, fraction=frac.to(ctx.device))
             else:
                 plan.redistribute = Redistribute(sinks=sinks, targets=img, fraction=frac)
+            if self.gate is not None:  # pool: every image token; targets: the even ones (odd ones act as image sinks)
+                pool = img
+                rd = plan.redistribute
+                even, odd = img & (ctx.k_pos % 2 == 0), img & (ctx.k_pos % 2 == 1)
+                if rd.sinks.dim() == 3:
+                    even, odd = even[:, None, :], odd[:, None, :]
+                rd.targets = rd.targets & even
+                rd.sinks = rd.sinks | odd
+
+                def seen(sel, li=ctx.layer_idx, ph=ctx.phase):
+                    self.rows[("gate", li, ph)] = sel.float()
+
+                plan.redistribute.gate = Gate(pool, self.gate[0], self.gate[1], seen)
         if self.amplify:
             g = torch.Generator().manual_seed(53 + ctx.layer_idx)
             rows = torch.rand(B, ctx.q_len, generator=g) < 0.3
             rows[:, -1] = True
             alpha = torch.linspace(self.amplify / 2, self.amplify, ctx.num_heads)
+            if self.per_key:  # one strength on even image keys, another on odd ones, per head
+                alpha = alpha[None, :, None] * torch.where(ctx.k_pos % 2 == 0, 1.0, 0.3)[:, None, :]
             plan.amplify = Amplify(keys=img, alpha=alpha, rows=rows.to(ctx.device))
         if self.head_scale is not None:
             plan.head_scale = torch.tensor(self.head_scale, dtype=torch.float32)
@@ -97,6 +114,9 @@ EDITS = {
     "all": dict(bias=2.0, fraction=0.4, head_scale=(1.5, 1.0, 0.5, 1.0), probe=True),
     "per_head_rows": dict(fraction=0.7, per_head=True, head_scale=(0.0, 2.0, 1.0, 0.5), scale_rows=True),
     "amplify": dict(amplify=0.9),
+    "amplify_per_key": dict(amplify=0.9, per_key=True),
+    "gated_redistribution": dict(fraction=0.8, gate=(0.2, 0.5)),
+    "gated_per_head": dict(fraction=0.8, per_head=True, gate=(0.1, 0.4), probe=True),
     "amplify_bias_probe_scale": dict(amplify=0.7, bias=2.0, probe=True, head_scale=(1.5, 1.0, 0.5, 1.0),
                                      scale_rows=True),
     "all_per_head": dict(bias=2.0, fraction=0.5, per_head=True, head_scale=(1.5, 1.0, 0.5, 1.0), scale_rows=True,
@@ -119,6 +139,9 @@ def test_edit_matches_eager_reference(fam, edit):
     assert (fast - plain)[real].abs().max() > 1e-3  # the edit really changes the model
     for key in fast_m.rows:
         assert torch.allclose(fast_m.rows[key], ref_m.rows[key], atol=1e-6)
+    gates = [v for k, v in fast_m.rows.items() if k[0] == "gate"]
+    if EDITS[edit].get("gate"):  # the gate chose some (head, row) pairs and refused others
+        assert gates and 0 < float(torch.cat([g.flatten() for g in gates]).mean()) < 1
     # through generate() and the KV cache (decode steps have q_len == 1)
     g_fast = _run(model, batch.inputs, Edits(**EDITS[edit]), gen=True)
     g_ref = _run(model, batch.inputs, Edits(**EDITS[edit]), kernel=eager_kernel, gen=True)

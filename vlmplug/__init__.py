@@ -27,6 +27,10 @@ _CONFIGS = {
     "FlowCut": "vlmplug.methods.pruning.flowcut",
     "Cluster": "vlmplug.methods.pruning.cluster",
     "PAI": "vlmplug.methods.attention.pai",
+    "VAR": "vlmplug.methods.attention.var",
+    "ACT": "vlmplug.methods.attention.act",
+    "ModPAI": "vlmplug.methods.attention.modpai",
+    "VHR": "vlmplug.methods.attention.vhr",
 }
 
 __all__ = [

@@ -19,6 +19,10 @@ _METHOD_MODULES = (
     "vlmplug.methods.pruning.visionzip",
     "vlmplug.methods.pruning.flowcut",
     "vlmplug.methods.attention.pai",
+    "vlmplug.methods.attention.var",
+    "vlmplug.methods.attention.act",
+    "vlmplug.methods.attention.modpai",
+    "vlmplug.methods.attention.vhr",
 )
 _ADAPTER_MODULES = (
     "vlmplug.adapters.llava",

@@ -12,6 +12,7 @@ Data flow per forward:
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 
 import torch
@@ -48,11 +49,27 @@ class Session:
         self.installer = Installer(model)
         self.features = FeatureInterceptor(self)
         self.planner = Planner(self)
-        self.in_forward = False
+        self._local = threading.local()  # the pass running now, per thread (a method may run a branch in step)
         self.pending_sizes = None  # original image sizes for the next prompt (set_image_sizes)
         self.drop_layer: int | None = None  # the token-drop layer the hooks were installed for
         self._states: dict[str, ForwardState] = {}
-        self._label = "main"
+
+    @property
+    def _label(self) -> str:
+        return getattr(self._local, "label", "main")
+
+    @_label.setter
+    def _label(self, value: str) -> None:
+        self._local.label = value
+
+    @property
+    def in_forward(self) -> bool:
+        """A forward of the patched model is running in this thread."""
+        return getattr(self._local, "in_forward", False)
+
+    @in_forward.setter
+    def in_forward(self, value: bool) -> None:
+        self._local.in_forward = value
 
     # ------------------------------------------------------------- install
     def _check_exclusive_edits(self) -> None:
@@ -124,6 +141,9 @@ class Session:
 
             for h in install_kv_hooks(self):
                 ins.hook(h)
+        if any(m.wants_layer_input for m in self.methods):  # after the drop hooks: the rows the layer really gets
+            for li, layer in enumerate(ad.decoder_layers()):
+                ins.hook(layer.register_forward_pre_hook(self._layer_input_hook(li), with_kwargs=True))
         for m in self.methods:
             m.attach(self)
 
@@ -204,6 +224,32 @@ class Session:
             self.features.at_prefill(compat.read(kwargs, "mm_encoder_outputs") is not None)
         return None
 
+    def _layer_input_hook(self, li: int):
+        """Pre-hook of decoder layer `li` (installed after the token-drop hooks, so it sees what the layer gets):
+        at prefill, hand the layer's input hidden states and their logical positions to the methods that read them."""
+
+        def hook(module, args, kwargs):
+            st = self.state
+            if st.phase != "prefill":
+                return None
+            hidden = compat.read(kwargs, "hidden_states")
+            if hidden is None and args:
+                hidden = args[0]
+            if hidden is None:
+                raise TransformersMismatchError(
+                    f"vlmplug: decoder layer {li} got no hidden states vlmplug could read; {compat.version_note()}")
+            B, L = hidden.shape[:2]
+            if st.keep is not None and st.drop_layer is not None and li >= st.drop_layer:
+                pos = st.keep.to(hidden.device)
+            else:
+                pos = torch.arange(L, device=hidden.device).expand(B, L)
+            for m in self.active:
+                if m.wants_layer_input:
+                    m.layer_input(li, hidden, pos, self)
+            return None
+
+        return hook
+
     def _after_base_forward(self, module, args, output):
         self.in_forward = False  # also when the forward raised (always_call): the next call starts clean
         if output is not None:
@@ -267,8 +313,8 @@ class Session:
         self.state.layout_done = False
 
     # -------------------------------------------------------------- plans
-    def plan_for(self, module, query, key, attention_mask, scaling, kwargs) -> LayerPlan:
-        return self.planner.plan_for(module, query, key, attention_mask, scaling, kwargs)
+    def plan_for(self, module, query, key, attention_mask, scaling, kwargs, value=None) -> LayerPlan:
+        return self.planner.plan_for(module, query, key, attention_mask, scaling, kwargs, value)
 
     def drop_context(self, hidden_states) -> LayerContext:
         return self.planner.drop_context(hidden_states)

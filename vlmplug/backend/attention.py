@@ -26,14 +26,20 @@ def vlmplug_attention(module, query, key, value, attention_mask, scaling=None, d
         and attention_mask.shape[-1] > key.shape[2] and session.state.keep is not None
     ):
         attention_mask = attention_mask[..., -key.shape[2]:]  # a sliding cache after token dropping
-    plan = session.plan_for(module, query, key, attention_mask, scaling, kwargs) if session is not None else None
+    plan = session.plan_for(module, query, key, attention_mask, scaling, kwargs, value) if session is not None else None
     if plan is None or plan.empty:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError("vlmplug: attention logit soft-capping is not supported by the SDPA backend")
     out = session.kernel(module, query, key, value, attention_mask, scaling, kwargs, plan)
-    if plan.amplify is not None and getattr(module, "layer_idx", None) is not None:
-        session.state.effects.add(("amplify", module.layer_idx))  # checked by the method's verify
+    li = getattr(module, "layer_idx", None)
+    if li is not None:  # checked by the methods' verify
+        if plan.amplify is not None:
+            session.state.effects.add(("amplify", li))
+        if plan.redistribute is not None:
+            session.state.effects.add(("redistribute", li))
+        if plan.head_scale is not None:
+            session.state.effects.add(("head_scale", li))
     return out, None
 
 

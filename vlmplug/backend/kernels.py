@@ -56,7 +56,7 @@ def amplified(scores: torch.Tensor, amp, rows: torch.Tensor) -> torch.Tensor:
     keys = amp.keys.to(scores.device)
     keys = keys[:, None, None, :] if keys.dim() == 2 else keys[:, :, None, :]
     a = amp.alpha.to(scores.device, torch.float32)
-    a = a.view(1, -1, 1, 1) if a.dim() == 1 else a
+    a = a.view(1, -1, 1, 1) if a.dim() == 1 else (a[:, :, None, :] if a.dim() == 3 else a)
     return torch.where(sel[:, None, :, None] & keys, scores + a * scores.abs(), scores)
 
 
@@ -186,6 +186,12 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
 
         iS, iT = indicator(rd.sinks), indicator(rd.targets)
         extra_v += [v * iS, v * iT, iS, iT]
+        if rd.gate is not None:
+            if rd.gate.pool.dim() == 3 and k.shape[1] != Hq:
+                k, v, G = expand_kv(k, G), expand_kv(v, G), 1
+                iS, iT = indicator(rd.sinks), indicator(rd.targets)
+                extra_v[:] = [v * iS, v * iT, iS, iT]
+            extra_v.append(indicator(rd.gate.pool))
     if extra_q or extra_v:
         vv = torch.cat([v, *extra_v], dim=-1) if extra_v else v
         qq = torch.cat([q, *extra_q], dim=-1) if extra_q else q
@@ -206,6 +212,14 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
         mT = o[..., 3 * Dv + 1 : 3 * Dv + 2].float()
         frac = rd.fraction.to(o.device).float()
         frac = frac.view(1, Hq, 1, 1) if frac.dim() == 1 else frac.view(B, Hq, -1, 1)  # [B, Hq] or [B, Hq, Lq]
+        if rd.gate is not None:
+            mP = o[..., 3 * Dv + 2 : 3 * Dv + 3].float()
+            chosen = (mP > 0) & (mP >= rd.gate.min_mass) & (mT >= rd.gate.min_share * mP)
+            if rd.rows is not None:
+                chosen = chosen & rd.rows.to(o.device)[:, None, :, None]
+            frac = frac * chosen
+            if rd.gate.on_select is not None:
+                rd.gate.on_select(chosen[..., 0] & (frac[..., 0] > 0))
         ok = mT > 0
         new = out.float() - frac * oS + frac * mS * oT / torch.where(ok, mT, torch.ones_like(mT))
         new = torch.where(ok, new, out.float())

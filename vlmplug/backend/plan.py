@@ -11,7 +11,8 @@ Order of the edits inside one call (the kernel and the eager reference both foll
   4. probes         softmax rows of selected queries: with the bias and amplification, before redistribution and
                     head scaling
   5. softmax
-  6. redistribute   move a fraction of the mass on sink keys to target keys, per head and query row
+  6. redistribute   move a fraction of the mass on sink keys to target keys, per head and query row (optionally
+                    gated per head and row by the row's own attention: VAR's image-centric heads)
   7. head_scale     multiply each head's output (per row where given), before o_proj
 Merging two methods' plans (`LayerPlan.merge`): probes and taps accumulate, key masks intersect, biases add,
 head scales multiply (per row), and a second redistribution or amplification in the same call, or both
@@ -46,6 +47,22 @@ class PlanConflict(VlmplugError, RuntimeError):
 
 
 @dataclass
+class Gate:
+    """Limit a redistribution to the (head, query row) pairs whose attention passes a test, decided inside the same
+    SDPA call (one more value column, no L x L): the `pool` keys get at least `min_mass` of the row's attention and
+    the redistribution's targets hold at least `min_share` of the pool's mass (VAR's image-centric heads: pool =
+    image tokens, targets = its non-sink tokens). A row whose pool gets no attention is never edited.
+
+    pool: bool [B, S] or [B, Hq, S]; on_select(selected bool [B, Hq, Lq]) is called with the pairs edited.
+    """
+
+    pool: torch.Tensor
+    min_mass: float = 0.0
+    min_share: float = 0.0
+    on_select: Callable[[torch.Tensor], None] | None = None
+
+
+@dataclass
 class Redistribute:
     """Move `fraction` of the attention mass on `sinks` keys to `targets` keys, in proportion to the
     attention the targets already get (post-softmax, per head and query row).
@@ -53,6 +70,7 @@ class Redistribute:
     sinks, targets: bool [B, S] (every head) or [B, Hq, S] (per query head).
     fraction: float [Hq], [B, Hq] or [B, Hq, Lq] (per head, or per head and query row: 0 leaves a row alone).
     rows: bool [B, Lq] or None (all rows).
+    gate: a `Gate` deciding per head and row from the row's own attention, or None.
     A row whose targets get no attention is left unchanged.
     """
 
@@ -60,6 +78,7 @@ class Redistribute:
     targets: torch.Tensor
     fraction: torch.Tensor
     rows: torch.Tensor | None = None
+    gate: Gate | None = None
 
 
 #: tap(query, key, value, mask, scale): sees the call's RoPE-applied tensors ([B, H, L, D]; the mask as SDPA gets
@@ -74,8 +93,8 @@ class Amplify:
     bias, before the mask), then softmax. The change depends on the score itself, so it is no additive mask: the
     chosen rows are recomputed exactly from q.K^T (O(rows x S)) and SDPA keeps every other row.
 
-    keys: bool [B, S] or per query head [B, Hq, S]; alpha: float [Hq] (per head) or a 0-d tensor;
-    rows: bool [B, Lq].
+    keys: bool [B, S] or per query head [B, Hq, S]; alpha: a 0-d tensor, float [Hq] (per head) or [B, Hq|1, S]
+    (per key: several strengths in one edit, e.g. modPAI's informative and outlier tokens); rows: bool [B, Lq].
     """
 
     keys: torch.Tensor

@@ -115,6 +115,8 @@ class Method:
     wants_image_features: ClassVar[bool] = False
     #: the method edits the projector's input (`projector_input`)
     wants_projector_input: ClassVar[bool] = False
+    #: the method reads each decoder layer's input hidden states at prefill (`layer_input`)
+    wants_layer_input: ClassVar[bool] = False
     #: token dropping: the selection is made at layer 0 and layers before `drop_layer` hide the dropped tokens
     hide_before: ClassVar[bool] = False
     #: set by `setup` when the method drops tokens before this decoder layer (prefill)
@@ -168,6 +170,10 @@ class Method:
     def vision_plan(self, ctx):
         """Each vision-tower attention call (when `needs_vision_attention`): a `LayerPlan` or None."""
         return None
+
+    def layer_input(self, layer_idx: int, hidden, positions, session) -> None:
+        """At prefill, before decoder layer `layer_idx` (when `wants_layer_input`): its input hidden states [B, L', D]
+        (read only) and the logical positions of their rows [B, L'] (after any token dropping)."""
 
     def tokens_to_keep(self, ctx):
         """At prefill, before decoder layer `drop_layer`: long [B, L'] sorted logical positions to keep, or a

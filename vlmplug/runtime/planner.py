@@ -46,6 +46,18 @@ class LayerContext:
     def layout(self):
         return self.session.layout
 
+    def keys_at(self, marked: torch.Tensor) -> torch.Tensor:
+        """bool [B, S] (or [B, Hq, S] on a per-head pruned cache): this call's keys whose logical position is marked
+        in `marked` (bool [B, N], logical positions; positions past N count as unmarked)."""
+        kp = self.k_pos.to(self.device)
+        n = max(int(kp.max()) + 1, marked.shape[1])
+        m = torch.zeros(marked.shape[0], n, dtype=torch.bool, device=self.device)
+        m[:, : marked.shape[1]] = marked.to(self.device)
+        if kp.dim() == 2:
+            return torch.gather(m, 1, kp)
+        per_kv = torch.gather(m[:, None, :].expand(-1, kp.shape[1], -1), 2, kp)
+        return per_kv.repeat_interleave(self.num_heads // kp.shape[1], dim=1)
+
     @cached_property
     def image_keys(self) -> torch.Tensor | None:
         """bool [B, S]: True at keys that are image tokens; [B, Hq, S] (per query head, ready for `Redistribute`)
@@ -53,12 +65,7 @@ class LayerContext:
         lay = self.layout
         if lay is None or self.k_pos is None:
             return None
-        img = lay.image_mask(max(self.state.logical_len, int(self.k_pos.max()) + 1), device=self.device)
-        kp = self.k_pos.to(self.device)
-        if kp.dim() == 2:
-            return torch.gather(img, 1, kp)
-        per_kv = torch.gather(img[:, None, :].expand(-1, kp.shape[1], -1), 2, kp)
-        return per_kv.repeat_interleave(self.num_heads // kp.shape[1], dim=1)
+        return self.keys_at(lay.image_mask(max(self.state.logical_len, int(self.k_pos.max()) + 1), device=self.device))
 
     @cached_property
     def text_queries(self) -> torch.Tensor | None:
@@ -71,6 +78,25 @@ class LayerContext:
         out = ~torch.gather(img, 1, qp)
         first = torch.tensor([s.first_real for s in lay.samples], device=self.device)
         return out & (qp >= first[:, None])
+
+    @cached_property
+    def real_queries(self) -> torch.Tensor | None:
+        """bool [B, Lq]: queries that are real tokens (text or image; not left padding). None without a layout."""
+        lay = self.layout
+        if lay is None or self.q_pos is None:
+            return None
+        first = torch.tensor([s.first_real for s in lay.samples], device=self.device)
+        return self.q_pos.to(self.device) >= first[:, None]
+
+    def head_outputs(self, select: torch.Tensor) -> torch.Tensor:
+        """Each head's attention output (its slice of the o_proj input), averaged over the selected query rows
+        (bool [B, Lq]): float32 [B, Hq, Dv]. Before this call's edits; O(rows x S)."""
+        from ..backend.kernels import expand_kv
+
+        p = self.attention(select)  # [B, Hq, S]
+        v = self._value
+        v = expand_kv(v, p.shape[1] // v.shape[1]).float()
+        return (p[:, :, None, :] @ v)[:, :, 0]
 
     def attention(self, select: torch.Tensor) -> torch.Tensor:
         """This call's softmax attention, averaged over the selected query rows (bool [B, Lq]): float32 [B, Hq, S],
@@ -86,6 +112,12 @@ class LayerContext:
         run_probe(c["module"], Probe(select, lambda p, n: got.setdefault("p", p)), c["query"], c["key"], c["mask"],
                   scale, causal_module)
         return got["p"]
+
+    @property
+    def _value(self) -> torch.Tensor:
+        if "value" not in self._call:
+            raise RuntimeError("head_outputs() is only available while planning an attention call")
+        return self._call["value"]
 
 
 class Planner:
@@ -116,11 +148,13 @@ class Planner:
             k_pos = torch.arange(st.logical_len - S, st.logical_len, device=dev).expand(B, S)
         return q_pos, k_pos
 
-    def plan_for(self, module, query, key, attention_mask, scaling, kwargs) -> LayerPlan:
+    def plan_for(self, module, query, key, attention_mask, scaling, kwargs, value=None) -> LayerPlan:
         session, st = self.session, self.session.state
         vision = getattr(module, "layer_idx", None) is None
         B, Hq, Lq, _ = query.shape
         call = dict(module=module, query=query, key=key, mask=attention_mask, scaling=scaling, kwargs=kwargs)
+        if value is not None:
+            call["value"] = value
         if vision:
             ctx = LayerContext(session, st, int(getattr(module, "_vlmplug_vision_idx", 0)), True, st.phase, B, Lq,
                                key.shape[2], Hq, key.shape[1], None, None, query.device, call)

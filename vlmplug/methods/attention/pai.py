@@ -124,21 +124,25 @@ def text_only_inputs(session, inputs: dict) -> dict:
     ad = session.adapter
     ids, am = inputs["input_ids"], inputs.get("attention_mask")
     lay = ad.locate(ids, am, ad.capture_meta(inputs), None)
+    out = strip_images(ids, am, lay, getattr(ad.text_config, "pad_token_id", None) or 0)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in inputs:
+            out[key] = torch.zeros_like(out["input_ids"])
+    return out
+
+
+def strip_images(ids: torch.Tensor, am: torch.Tensor | None, layout, pad: int) -> dict:
+    """input_ids / attention_mask of the prompt `ids` with every image token of `layout` removed, left-padded."""
     am = am if am is not None else torch.ones_like(ids)
     rows = []
-    for b, s in enumerate(lay.samples):
+    for b, s in enumerate(layout.samples):
         keep = am[b].bool().clone()
         keep[s.image_positions.to(keep.device)] = False
         rows.append(ids[b][keep])
     n = max(len(r) for r in rows)
-    pad = getattr(ad.text_config, "pad_token_id", None) or 0
     new_ids = ids.new_full((len(rows), n), pad)
     new_am = am.new_zeros((len(rows), n))
     for b, r in enumerate(rows):
         new_ids[b, n - len(r):] = r
         new_am[b, n - len(r):] = 1
-    out = {"input_ids": new_ids, "attention_mask": new_am}
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if key in inputs:
-            out[key] = torch.zeros_like(new_ids)
-    return out
+    return {"input_ids": new_ids, "attention_mask": new_am}
