@@ -161,3 +161,47 @@ def split_by_weight(k, counts):
     for i in sorted(range(len(counts)), key=lambda i: (-(exact[i] - out[i]), i))[: k - sum(out)]:
         out[i] += 1
     return out
+
+
+def eager_with(edit_probs=None, edit_scores=None, edit_out=None):
+    """An attention function for an UNPATCHED model: full eager attention in float64 where a test applies a
+    method's rule written from its paper or official code: edit_scores(module, s) on the scaled logits [B, Hq, Lq, S]
+    (before the mask), edit_probs(module, a) on the softmax rows, edit_out(module, o) on the head outputs
+    [B, Hq, Lq, Dv] (before o_proj). Each returns the edited tensor (or None to leave it)."""
+
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        B, Hq, Lq, D = query.shape
+        S = key.shape[2]
+        k = _expand(key, Hq // key.shape[1]).double()
+        v = _expand(value, Hq // value.shape[1]).double()
+        scale = scaling if scaling is not None else D**-0.5
+        s = torch.einsum("bhqd,bhkd->bhqk", query.double(), k) * scale
+        if edit_scores is not None:
+            got = edit_scores(module, s)
+            s = s if got is None else got
+        m = full_mask(module, attention_mask, Lq, S, kwargs, query.device)
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.double()
+        a = torch.softmax(s, -1).nan_to_num(0.0)
+        if edit_probs is not None:
+            got = edit_probs(module, a)
+            a = a if got is None else got
+        o = a @ v
+        if edit_out is not None:
+            got = edit_out(module, o)
+            o = o if got is None else got
+        return o.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return fn
+
+
+def run_reference(model, name, fn, inputs, gen_kwargs=None):
+    """Logits (and a generate() output) of the unpatched model with attention function `fn` on its text layers."""
+    register_reference(name, fn)
+    model.set_attn_implementation({"text_config": name})
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            g = model.generate(**inputs, **gen_kwargs) if gen_kwargs else None
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    return logits, g

@@ -88,6 +88,25 @@ class LayerContext:
         first = torch.tensor([s.first_real for s in lay.samples], device=self.device)
         return self.q_pos.to(self.device) >= first[:, None]
 
+    def seen_by(self, select: torch.Tensor) -> torch.Tensor:
+        """long [B, S]: how many of the selected query rows (bool [B, Lq]) can see each key of this call, from the
+        mask the call got (sliding windows and padding included) or, without one, the causal rule."""
+        c = self._call
+        m, sel = c.get("mask"), select.to(self.device)
+        if m is None:
+            from ..backend.kernels import causal_flag
+
+            if not causal_flag(c["module"], c["query"], None, c["kwargs"]):
+                return sel.sum(-1, keepdim=True).expand(-1, self.kv_len)
+            # SDPA's is_causal: query row i sees keys 0..i
+            idx = torch.searchsorted(torch.arange(self.q_len, device=self.device), torch.arange(self.kv_len, device=self.device))
+            return (sel.flip(-1).cumsum(-1).flip(-1).gather(1, idx.clamp(max=self.q_len - 1).expand(sel.shape[0], -1))
+                    * (idx < self.q_len))
+        vis = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        vis = vis[:, 0] if vis.shape[1] == 1 else vis.any(1)  # [B|1, Lq|1, S]
+        vis = vis.expand(sel.shape[0], self.q_len, self.kv_len)
+        return (vis & sel[:, :, None]).sum(1)
+
     def head_outputs(self, select: torch.Tensor) -> torch.Tensor:
         """Each head's attention output (its slice of the o_proj input), averaged over the selected query rows
         (bool [B, Lq]): float32 [B, Hq, Dv]. Before this call's edits; O(rows x S)."""

@@ -4,7 +4,9 @@ calibration technique, as the official code runs it (GATECH-EIC/ACT, models/llam
 In each calibrated head of the chosen layers, at prefill: a key's sink score is its column mean, the attention it
 gets summed over the query rows divided by the number of rows that can see it; keys scoring above `threshold` are
 hidden sinks, except the first of them in position order (the code drops `indices[0]`, normally the initial token,
-which keeps its attention). Every row's attention on the hidden sinks is scaled by `beta` and the removed mass
+which keeps its attention). The rows that can see a key are counted from the layer's mask, so sliding-window layers
+(Gemma 3) and left padding count right; a row whose visible keys are all sinks is left unchanged (the official code
+would divide by zero there). Every row's attention on the hidden sinks is scaled by `beta` and the removed mass
 (1 - beta) goes to the row's other keys in proportion to their attention. While decoding, the new token's row is
 calibrated the same way against the sinks found at prefill (the official code scores prefill-only tasks).
 
@@ -102,9 +104,8 @@ class ACTRunner(Method):
         p = ctx.attention(rows)  # mean over the real rows
         n_rows = rows.sum(-1).float()
         col = p * n_rows[:, None, None]  # column sums over the real rows
-        qp, kp = ctx.q_pos.to(ctx.device), ctx.k_pos.to(ctx.device)
-        first_row = (~rows).sum(-1)  # left padding: the real rows are a suffix
-        seeing = ctx.q_len - torch.maximum(torch.searchsorted(qp.contiguous(), kp.contiguous()), first_row[:, None])
+        kp = ctx.k_pos.to(ctx.device)
+        seeing = ctx.seen_by(rows)  # the official code's arange(N, 0, -1) under a causal mask; windows counted
         score = col / seeing.clamp(min=1)[:, None, :]
         first = torch.tensor([s.first_real for s in ctx.layout.samples], device=ctx.device)
         sinks = (score > self.threshold) & (kp >= first[:, None])[:, None, :] & (seeing > 0)[:, None, :]

@@ -185,6 +185,14 @@ class ModPAIRunner(VisionScores, Method):
                 # per image of the latest prefill: [informative tokens, outlier tokens]
                 "tokens": self._counts}
 
+    def result(self, label: str = "main"):
+        """The token sets of the latest prompt of pass `label`: {"informative": [[positions] per sample],
+        "outliers": [...]} (logical prompt positions), or None."""
+        marks = self._marks.get(label)
+        if marks is None:
+            return None
+        return {name: [torch.nonzero(r).flatten().tolist() for r in m] for name, m in zip(("informative", "outliers"), marks)}
+
     def guidance(self, inputs: dict):
         """PAI's CFG branch for these generate() inputs (None when gamma == 1)."""
         if self.gamma == 1.0:
