@@ -64,9 +64,26 @@ def test_no_head_by_l_by_l_tensor_in_attention(fam):
         model.set_attn_implementation({"text_config": "sdpa"})
     # (a probe of many query rows costs rows x L by design, PROBE_CHUNK rows at a time; record reads one row)
     for methods in (["record"], [Edits(bias=2.0, fraction=0.5, head_scale=(1.0, 0.5, 1.0, 2.0))],
-                    [vlmplug.PAI(alpha=0.5, layers="0:", gamma=1.0)], [Edits(amplify=0.5, bias=1.0, probe=False)]):
+                    [vlmplug.PAI(alpha=0.5, layers="0:", gamma=1.0)], [Edits(amplify=0.5, bias=1.0, probe=False)],
+                    [vlmplug.VAR(tau=1.0, summ=0.0, layers="0:")],
+                    [vlmplug.ModPAI(layers="0:", gamma=1.0, heads="sensitivity")], [vlmplug.VHR(layers="0:")]):
         with vlmplug.apply(model, methods):
             assert _largest(model, batch.inputs) < quadratic / 2, methods
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl"])
+def test_act_reads_every_row_in_chunks(fam, monkeypatch):
+    """ACT needs every row's attention (column means): it reads them PROBE_CHUNK rows at a time, so its largest tensor
+    is chunk x L, not L x L (a small chunk here, so that the check can fail on these short prompts)."""
+    from vlmplug.backend import kernels
+
+    model = tiny(fam)
+    batch = make_batch(fam, model, (2, 2), text_lens=(40, 60))
+    B, L = batch.inputs["input_ids"].shape
+    H = model.config.get_text_config().num_attention_heads
+    monkeypatch.setattr(kernels, "PROBE_CHUNK", 16)
+    with vlmplug.apply(model, vlmplug.ACT(layers="0:", threshold=0.02)):
+        assert _largest(model, batch.inputs) < B * H * L * L / 2
 
 
 class LargestInVision(LargestInAttention):

@@ -105,7 +105,12 @@ class LayerContext:
         vis = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
         vis = vis[:, 0] if vis.shape[1] == 1 else vis.any(1)  # [B|1, Lq|1, S]
         vis = vis.expand(sel.shape[0], self.q_len, self.kv_len)
-        return (vis & sel[:, :, None]).sum(1)
+        from ..backend.kernels import PROBE_CHUNK
+
+        out = torch.zeros(sel.shape[0], self.kv_len, dtype=torch.long, device=self.device)
+        for i in range(0, self.q_len, PROBE_CHUNK):  # chunks of rows: never a new Lq x S tensor
+            out += (vis[:, i : i + PROBE_CHUNK] & sel[:, i : i + PROBE_CHUNK, None]).sum(1)
+        return out
 
     def head_outputs(self, select: torch.Tensor) -> torch.Tensor:
         """Each head's attention output (its slice of the o_proj input), averaged over the selected query rows
