@@ -1,5 +1,5 @@
-"""Attention-redistribution methods against plain SDPA and against the anchors' way, LLaVA-1.5-7B shapes, random
-weights (speed needs no trained weights). For now: PAI (issue 12's other methods join as they land).
+"""Attention-redistribution and head methods against plain SDPA and against the anchors' way, LLaVA-1.5-7B shapes,
+random weights (speed needs no trained weights): PAI, VAR, ACT, modPAI, VHR.
 
 Per mode, in its own worker process (so peak memory is its own): one prefill forward with a KV cache (time and
 peak memory on top of the weights), then --decode-tokens single-token steps (median time per token).
@@ -8,8 +8,19 @@ peak memory on top of the weights), then --decode-tokens single-token steps (med
   - pai_eager:   the same rule the way the official PAI code runs it: eager attention materialising every
                  layer's [heads, L, L] scores, the last row's image logits amplified in layers 2.. (the other
                  layers eager as well, as its patched LlamaAttention is);
-  - pai's CFG branch (the text-only prompt, gamma != 1) is a method-inherent extra pass: its own prefill and
-    per-token decode time are reported in the `extra pass` columns, not added to PAI's.
+  - var:         vlmplug's VAR (released config: tau 20, rho 0.5, p 0.6, summ 0.2, layers 2..), sink dims calibrated
+                 at apply() (its time in the extra column; random weights have no massive activations, so tau is
+                 set to 2.5 here to give every layer sinks to move mass from);
+  - var_eager:   the same rule as the official VAR code runs it: eager attention with every layer's [heads, L, L]
+                 probabilities, sinks from the layer inputs' hidden states, the selection and the redistribution
+                 on the text rows (vectorised over heads; the official code loops over heads in Python);
+  - act:         vlmplug's ACT (beta 0.4, threshold 0.1, every head of layers 2..L-2);
+  - act_eager:   the official ACT way: eager probabilities, column means and redistribution per head;
+  - modpai:      vlmplug's modPAI (alpha 0.7, beta 0.3, layers 2..), attention part (gamma=1);
+  - vhr:         vlmplug's VHR (alpha 2, layer 1 and the last 14); its text-only branch runs inside the prefill and
+                 is subtracted from the prefill time and reported as the extra pass.
+  - method-inherent extra passes (PAI's / modPAI's CFG branch: the text-only prompt, gamma != 1; VHR's text-only
+    branch; VAR's calibration) are reported in the `extra pass` columns, not added to the method's.
 Ratios are against sdpa in the same run.
 
     python eval/bench_attention.py                                   # CPU, 8 text / 2 vision layers
@@ -27,8 +38,103 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_backend import peak_since, peak_start, run_worker  # noqa: E402 - one way to measure
 
-MODES = ("sdpa", "pai", "pai_eager")
+MODES = ("sdpa", "pai", "pai_eager", "var", "var_eager", "act", "act_eager", "modpai", "vhr")
 PAI_ALPHA, PAI_START = 0.2, 2
+VAR_TAU, VAR_RHO, VAR_P, VAR_SUMM = 2.5, 0.5, 0.6, 0.2  # tau lowered: random weights have no massive activations
+ACT_BETA, ACT_THRES = 0.4, 0.1
+
+
+def _mask_scores(s, attention_mask, Lq):
+    import torch
+
+    if attention_mask is not None:
+        return s.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool else s + attention_mask
+    if Lq > 1:
+        return s.masked_fill(torch.ones(Lq, s.shape[-1], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+def _eager_probs(query, key, value, attention_mask, scaling):
+    import torch
+
+    B, Hq, Lq, D = query.shape
+    G = Hq // key.shape[1]
+    k, v = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
+    s = (query @ k.transpose(-1, -2)) * (scaling if scaling is not None else D**-0.5)
+    return torch.softmax(_mask_scores(s, attention_mask, Lq).float(), -1), v
+
+
+def _var_eager(img_positions: list[int], dims, eps: float, sinks: dict):
+    """The official VAR code's way: eager probabilities; in layers 2.., on the text rows after the image (prefill) or
+    the new token, heads with image mass >= summ and visual-sink portion <= rho get (1 - p) of the sink mass moved to
+    the image's non-sink tokens. `sinks[layer]` is filled by hidden-state pre-hooks (phi >= tau) at prefill."""
+    import torch
+
+    img_end = max(img_positions) + 1
+    img = torch.zeros(0)
+
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        nonlocal img
+        a, v = _eager_probs(query, key, value, attention_mask, scaling)
+        li = module.layer_idx
+        if li >= 2 and li in sinks:
+            S = a.shape[-1]
+            im = torch.zeros(S, dtype=torch.bool, device=a.device)
+            im[img_positions] = True
+            sk = torch.zeros(S, dtype=torch.bool, device=a.device)
+            sk[: sinks[li].shape[-1]] = sinks[li][0]
+            rows = a[:, :, img_end:] if a.shape[2] > 1 else a  # text after the image; decode: the new token
+            summation = rows[..., im].sum(-1, keepdim=True)
+            portion = rows[..., im & sk].sum(-1, keepdim=True) / summation.clamp(min=1e-30)
+            sel = (portion <= VAR_RHO) & (summation >= VAR_SUMM)
+            tgt = im & ~sk
+            budget = (1 - VAR_P) * rows[..., sk].sum(-1, keepdim=True)
+            new = rows.clone()
+            new[..., sk] = rows[..., sk] * VAR_P
+            new[..., tgt] = rows[..., tgt] + budget * rows[..., tgt] / rows[..., tgt].sum(-1, keepdim=True).clamp(min=1e-30)
+            rows.copy_(torch.where(sel, new, rows))
+        return (a.to(v.dtype) @ v).transpose(1, 2).contiguous(), None
+
+    def hook(li):
+        def pre(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if li >= 2 and x.shape[1] > 1:
+                xf = x.float()
+                z = xf[..., list(dims)] / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+                sinks[li] = z.abs().amax(-1) >= VAR_TAU
+
+        return pre
+
+    return fn, hook
+
+
+def _act_eager(n_layers: int):
+    """The official ACT code's way (atten_process_eval) on every head of layers 2..n-2, vectorised over heads;
+    decode rows use the prefill's sinks."""
+    import torch
+
+    saved = {}
+
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        a, v = _eager_probs(query, key, value, attention_mask, scaling)
+        li = module.layer_idx
+        if 2 <= li < n_layers - 1:
+            B, H, Lq, S = a.shape
+            if Lq > 1:
+                col = a.sum(2) / torch.arange(S, 0, -1, device=a.device, dtype=a.dtype)
+                sk = col > ACT_THRES
+                sk = sk & (sk.cumsum(-1) > 1)
+                saved[li] = sk
+            else:
+                sk = torch.zeros(B, H, S, dtype=torch.bool, device=a.device)
+                sk[..., : saved[li].shape[-1]] = saved[li]
+            skf = sk[:, :, None, :].to(a.dtype)
+            avail = (a * skf).sum(-1, keepdim=True) * (1 - ACT_BETA)
+            other = a * (1 - skf)
+            a = a * (1 - skf) + a * skf * ACT_BETA + avail * other / other.sum(-1, keepdim=True).clamp(min=1e-30)
+        return (a.to(v.dtype) @ v).transpose(1, 2).contiguous(), None
+
+    return fn
 
 
 def _pai_eager(image_positions: list[int], n_layers: int):
@@ -54,6 +160,10 @@ def _pai_eager(image_positions: list[int], n_layers: int):
     return fn
 
 
+def text_cfg_of(model):
+    return model.config.get_text_config(decoder=True)
+
+
 def worker(mode: str, args) -> dict:
     import torch
     from transformers import AttentionInterface, DynamicCache
@@ -69,14 +179,39 @@ def worker(mode: str, args) -> dict:
     model = build_random(cfg, dtype=dtype, device=args.device)
     inputs = llava_prompt(cfg, device=args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    handle = None
-    if mode == "pai":
-        handle = vlmplug.apply(model, vlmplug.PAI(alpha=PAI_ALPHA, layers=f"{PAI_START}:", gamma=1.0))
+    handle, setup_s = None, None
+    img = torch.nonzero(inputs["input_ids"][0] == cfg.image_token_id).flatten().tolist()
+
+    def use(name, fn):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
+        model.set_attn_implementation({"text_config": name})
+
+    configs = {
+        "pai": lambda: vlmplug.PAI(alpha=PAI_ALPHA, layers=f"{PAI_START}:", gamma=1.0),
+        "var": lambda: vlmplug.VAR(tau=VAR_TAU, rho=VAR_RHO, p=VAR_P, summ=VAR_SUMM),
+        "act": lambda: vlmplug.ACT(beta=ACT_BETA, threshold=ACT_THRES),
+        "modpai": lambda: vlmplug.ModPAI(gamma=1.0),
+        "vhr": lambda: vlmplug.VHR(),
+    }
+    if mode in configs:
+        t = time.perf_counter()
+        handle = vlmplug.apply(model, configs[mode]())
+        setup_s = time.perf_counter() - t
     elif mode == "pai_eager":
-        img = torch.nonzero(inputs["input_ids"][0] == cfg.image_token_id).flatten().tolist()
-        AttentionInterface.register("pai_eager", _pai_eager(img, args.text_layers))
-        AttentionMaskInterface.register("pai_eager", sdpa_mask)
-        model.set_attn_implementation({"text_config": "pai_eager"})
+        use("pai_eager", _pai_eager(img, args.text_layers))
+    elif mode == "var_eager":
+        from vlmplug.methods.attention.var import find_sink_dims
+
+        dims = find_sink_dims(model)
+        fn, hook = _var_eager(img, dims, float(getattr(text_cfg_of(model), "rms_norm_eps", 1e-6)), {})
+        from vlmplug.adapters import get_adapter
+
+        for li, layer in enumerate(get_adapter(model).decoder_layers()):
+            layer.register_forward_pre_hook(hook(li), with_kwargs=True)
+        use("var_eager", fn)
+    elif mode == "act_eager":
+        use("act_eager", _act_eager(args.text_layers))
     cuda = args.device.startswith("cuda")
     text_cfg = model.config.get_text_config(decoder=True)
 
@@ -113,13 +248,27 @@ def worker(mode: str, args) -> dict:
            "decode": statistics.median(r[1] for r in runs), "peak_bytes": min(r[2] for r in runs),
            "seq_len": int(inputs["input_ids"].shape[1]), "logits": last_logits[0]}
     if handle is not None:
-        assert handle.stats["pai"]["layers"] == list(range(PAI_START, args.text_layers))
+        res["stats"] = handle.stats[mode]
+    if mode in ("pai", "modpai"):
         from vlmplug.methods.attention.pai import text_only_inputs
 
         text = text_only_inputs(handle.session, inputs)  # the CFG branch's prompt: an extra pass per step
         extra = [generate(text, args.decode_tokens) for _ in range(args.reps)]
         res["extra_prefill"] = statistics.median(r[0] for r in extra)
         res["extra_decode"] = statistics.median(r[1] for r in extra)
+        res["extra_what"] = "CFG text-only branch"
+    elif mode == "vhr":  # the branch ran inside each prefill: measure it with one more prefill and take it out
+        branch = []
+        for _ in range(args.reps):
+            p0 = generate(inputs, 0)[0]
+            branch.append((p0, handle.stats["vhr"]["branch_seconds"]))
+        res["extra_prefill"] = statistics.median(b for _, b in branch)
+        res["prefill"] = statistics.median(p - b for p, b in branch)
+        res["extra_decode"] = 0.0
+        res["extra_what"] = "text-only branch, once per prompt (inside the prefill)"
+    elif mode == "var":
+        res["extra_prefill"], res["extra_decode"] = setup_s, 0.0
+        res["extra_what"] = "sink-dimension calibration, once per model (at apply)"
     return res
 
 
@@ -155,14 +304,20 @@ def main(argv=None) -> int:
           f"  {'extra pass: prefill s / decode ms'}")
     for mode in MODES:
         r = results[mode]
-        extra = (f"  {r['extra_prefill']:.3f} / {1e3 * r['extra_decode']:.1f} (CFG text-only branch)"
+        extra = (f"  {r['extra_prefill']:.3f} / {1e3 * r['extra_decode']:.1f} ({r['extra_what']})"
                  if "extra_prefill" in r else "")
         print(f"{mode:<10} {r['prefill']:>9.3f} {r['prefill'] / b['prefill']:>7.2f} {1e3 * r['decode']:>10.1f} "
               f"{r['decode'] / b['decode']:>7.2f} {r['peak_bytes'] / 2**20:>9.1f} "
               f"{r['peak_bytes'] / max(b['peak_bytes'], 1):>7.2f}{extra}")
-    diff = max(abs(a - c) for a, c in zip(results["pai"]["logits"], results["pai_eager"]["logits"]))
-    moved = max(abs(a - c) for a, c in zip(results["pai"]["logits"], b["logits"]))
-    print(f"\nprefill next-token logits: pai vs pai_eager max diff {diff:.2e} (same rule), pai vs sdpa {moved:.2e}")
+    print("\nprefill next-token logits, max abs difference:")
+    for name in ("pai", "var", "act"):
+        diff = max(abs(a - c) for a, c in zip(results[name]["logits"], results[name + "_eager"]["logits"]))
+        moved = max(abs(a - c) for a, c in zip(results[name]["logits"], b["logits"]))
+        print(f"  {name} vs {name}_eager {diff:.2e} (same rule); {name} vs sdpa {moved:.2e} (its effect)")
+    for name in ("modpai", "vhr"):
+        moved = max(abs(a - c) for a, c in zip(results[name]["logits"], b["logits"]))
+        print(f"  {name} vs sdpa {moved:.2e} (its effect)")
+    print(f"  var stats: {results['var']['stats']['selected']} selected share per layer")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -4,6 +4,7 @@
     python eval/world.py --n 200 --method fastv --param keep_ratio=0.25 --out eval/results/world_fastv.json
     python eval/world.py --n 100 --clutter          # many distractors
     python eval/world.py --n 100 --size 128x96      # another image size (the processor resizes)
+    python eval/world.py --n 150 --clutter --kinds exists --per-kind 2 --method vhr   # existence: yes-ratio
 
 Questions come from held-out scene seeds the trainer never draws; answers are scored by exact match of the first
 word of the greedy answer.
@@ -87,8 +88,25 @@ def evaluate(model, processor, scenes, methods=None, method_params=None, desc="e
     total = sum(c for c, _ in per.values()) / n
     return dict(
         accuracy=acc, overall=total, counts={k: t for k, (_, t) in per.items()},
-        seconds_per_answer=seconds / n, prompt_tokens=tokens / n, records=records,
+        seconds_per_answer=seconds / n, prompt_tokens=tokens / n, existence=existence(records), records=records,
     )
+
+
+def existence(records: list[dict]) -> dict | None:
+    """Existence questions as POPE scores them ("yes" the positive class): yes_ratio (share of "yes" answers, the
+    hallucination signature when it exceeds truth_yes), precision, recall, f1; None without such questions."""
+    from vlmplug.pipeline import normalize_answer
+
+    ex = [r for r in records if r["kind"] == "exists"]
+    if not ex:
+        return None
+    said = [normalize_answer(r["pred"]) == "yes" for r in ex]
+    truth = [r["answer"] == "yes" for r in ex]
+    tp = sum(s and t for s, t in zip(said, truth))
+    prec = tp / max(1, sum(said))
+    rec = tp / max(1, sum(truth))
+    return dict(n=len(ex), yes_ratio=sum(said) / len(ex), truth_yes=sum(truth) / len(ex), precision=prec, recall=rec,
+                f1=2 * prec * rec / max(1e-12, prec + rec))
 
 
 def table(results: dict[str, dict]) -> str:
@@ -108,6 +126,11 @@ def table(results: dict[str, dict]) -> str:
     lines.append(f"{'overall':<13}" + "".join(f"{100 * results[n]['overall']:>{width + 1}.1f}%" for n in names))
     lines.append(f"{'ms/answer':<13}" + "".join(f"{1000 * results[n]['seconds_per_answer']:>{width + 2}.1f}" for n in names))
     lines.append(f"{'prompt tokens':<13}" + "".join(f"{results[n]['prompt_tokens']:>{width + 2}.1f}" for n in names))
+    if first.get("existence"):
+        lines.append(f"existence ({first['existence']['n']} questions, truth yes {100 * first['existence']['truth_yes']:.1f}%)")
+        for key in ("yes_ratio", "precision", "recall", "f1"):
+            lines.append(f"{'  ' + key:<13}" + "".join(f"{100 * results[n]['existence'][key]:>{width + 1}.1f}%"
+                                                        for n in names))
     return "\n".join(lines)
 
 
@@ -122,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="small objects only")
     p.add_argument("--size", default=None, help="image size: N or WxH (default 64)")
     p.add_argument("--objects", default="1-4", help="objects per scene, N or A-B (ignored with --clutter)")
+    p.add_argument("--kinds", default=None, help="question kinds, comma-separated (default: all), e.g. exists")
+    p.add_argument("--per-kind", type=int, default=1, help="questions of each kind per scene")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -138,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
     lo, _, hi = a.objects.partition("-")
     n_objects = (int(lo), int(hi)) if hi else int(lo)
-    scenes = heldout_scenes(a.n, seed=a.seed, size=parse_size(a.size), n_objects=n_objects, clutter=a.clutter, small=a.small)
+    extra = {"kinds": tuple(a.kinds.split(","))} if a.kinds else {}
+    scenes = heldout_scenes(a.n, seed=a.seed, size=parse_size(a.size), n_objects=n_objects, clutter=a.clutter,
+                            small=a.small, questions_per_kind=a.per_kind, **extra)
     model, processor = load(a.model, a.device, a.dtype)
     params = parse_params(a.param)
     results: dict[str, dict] = {}
@@ -152,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         out = dict(
             model=a.model, n_scenes=a.n, seed=a.seed, clutter=a.clutter, small=a.small, size=a.size,
-            objects=a.objects, method=a.method, params=params, seconds=round(time.time() - t0, 1), results=results,
+            objects=a.objects, kinds=a.kinds, per_kind=a.per_kind, method=a.method, params=params,
+            seconds=round(time.time() - t0, 1), results=results,
         )
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

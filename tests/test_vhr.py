@@ -129,3 +129,18 @@ def test_vhr_branch_failure_is_raised_and_leaves_no_thread():
         with torch.no_grad():
             model(**batch.inputs)  # the next prompt works
     assert threading.active_count() == before
+
+
+def test_vhr_under_inference_mode():
+    """The branch repeats the caller's inference mode (thread-local in torch): same result as under no_grad."""
+    model = tiny("qwen2_vl")
+    batch = make_batch("qwen2_vl", model, (1, 1))
+    with vlmplug.apply(model, vlmplug.VHR(layers=[0, 1])) as h:
+        with torch.no_grad():
+            a = model(**batch.inputs).logits
+            heads = h.stats["vhr"]["heads"]
+        with torch.inference_mode():
+            b = model(**batch.inputs).logits
+            g = model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
+        assert h.stats["vhr"]["heads"] == heads and h.stats["vhr"]["branch_seconds"] > 0
+    assert torch.equal(a, b) and g.shape[1] == batch.inputs["input_ids"].shape[1] + 2

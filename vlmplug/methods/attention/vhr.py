@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,10 +79,28 @@ class _Branch:
         self.to_text: queue.Queue = queue.Queue()
         self.last_layer = last_layer
         self.thread = threading.Thread(target=self._run, args=(session, inputs), daemon=True, name="vlmplug-vhr")
+        self.waited = 0.0  # seconds the prefill waited for the branch: the branch's own time (they alternate)
+
+    @staticmethod
+    def _modes():
+        """The calling thread's inference / autocast modes (thread-local in torch), to repeat them in the branch."""
+        autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        return torch.is_inference_mode_enabled(), autocast
+
+    def start(self):
+        self._caller_modes = self._modes()
+        self.thread.start()
 
     def _run(self, session, inputs):
+        import contextlib
+
+        inference, autocast = self._caller_modes
         try:
-            with torch.no_grad(), session.pass_(BRANCH):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.inference_mode() if inference else torch.no_grad())
+                for dev, dt in autocast:
+                    stack.enter_context(torch.autocast(dev, dtype=dt))
+                stack.enter_context(session.pass_(BRANCH))
                 session.model(**inputs, use_cache=False)
             self.to_main.put(("error", MethodConfigError("vhr: the text-only branch ended before the chosen layers")))
         except _BranchDone:
@@ -90,7 +109,9 @@ class _Branch:
             self.to_main.put(("error", e))
 
     def receive(self):
+        t = time.perf_counter()
         kind, payload = self.to_main.get()
+        self.waited += time.perf_counter() - t
         if kind == "error":
             raise payload
         return kind, payload
@@ -106,6 +127,7 @@ class VHRRunner(Method):
         self._selected: dict[str, dict[int, torch.Tensor]] = {}  # pass -> layer -> bool [B, Hq]
         self._branch: _Branch | None = None
         self._pending: dict[str, bool] = {}
+        self._branch_seconds = 0.0
 
     def _stop_branch(self):
         b, self._branch = self._branch, None
@@ -124,6 +146,8 @@ class VHRRunner(Method):
         self._stop_branch()
         self._selected[st.label] = {}
         self._pending[st.label] = self.alpha != 1
+        if st.label == "main":
+            self._branch_seconds = 0.0
 
     def layer_plan(self, ctx):
         li = ctx.layer_idx
@@ -166,7 +190,7 @@ class VHRRunner(Method):
         pad = getattr(ctx.session.adapter.text_config, "pad_token_id", None) or 0
         inputs = strip_images(st.input_ids, st.attention_mask, ctx.layout, pad)
         self._branch = _Branch(ctx.session, inputs, self._layers[-1])
-        self._branch.thread.start()
+        self._branch.start()
         self._msg = self._branch.receive()  # the branch runs (the prefill waits) up to the first chosen layer
 
     def _select(self, ctx) -> torch.Tensor:
@@ -187,6 +211,8 @@ class VHRRunner(Method):
         if self._msg[0] == "done":
             b.thread.join()
             self._branch = None
+            if ctx.label == "main":
+                self._branch_seconds = b.waited
         return chosen
 
     def _branch_plan(self, ctx):
@@ -218,4 +244,6 @@ class VHRRunner(Method):
         return {"alpha": self.alpha, "layers": list(self._layers), "outlier_filter": self.outlier_filter,
                 # per layer, per sample: the reinforced heads of the latest prefill
                 "heads": [None if li not in sel else [torch.nonzero(r).flatten().tolist() for r in sel[li]]
-                          for li in self._layers]}
+                          for li in self._layers],
+                # time of the latest prefill spent in the text-only branch (a method-inherent extra pass)
+                "branch_seconds": self._branch_seconds}
