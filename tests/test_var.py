@@ -179,3 +179,42 @@ def test_var_composes(fam):
     with pytest.raises(vlmplug.MethodConfigError, match="redistribute or amplify"):
         vlmplug.apply(model, [var, vlmplug.ACT(layers=[1])])
     assert "_vlmplug_handle" not in vars(model)
+
+
+def test_calibration_on_a_patched_model():
+    """apply() on a model that already has a handle: without replace it refuses before any calibration pass runs;
+    with replace the calibration sees the unpatched model (the old handle paused), and the old handle's state is
+    not touched by it."""
+    from vlmplug.testing.tiny import build_tiny_model
+
+    model = build_tiny_model("llava")
+    emb = model.get_input_embeddings().weight
+    bos = model.config.get_text_config().bos_token_id
+    with torch.no_grad():
+        emb[bos, 5] = 40.0
+        emb[bos, 20] = -35.0
+    batch = make_batch("llava", model, (1,))
+    calls = []
+    # a paused session runs the model unpatched, in a pass of its own (ACT would change even a text-only forward)
+    text = batch.inputs["input_ids"][0]
+    ids = {"input_ids": text[text != model.config.image_token_id][None, -8:]}
+    with torch.no_grad():
+        with vlmplug.apply(model, vlmplug.ACT(layers="0:", threshold=0.02), replace=True) as act:
+            patched = model(**ids).logits
+            n_main = act.session.state_of("main").forward_index
+            with act.session.paused():
+                paused = model(**ids).logits
+            assert act.session.state_of("main").forward_index == n_main
+        plain = model(**ids).logits
+    assert torch.equal(paused, plain) and not torch.equal(patched, plain)
+    old = vlmplug.apply(model, vlmplug.FastV(layer=1, keep_tokens=2))
+    with torch.no_grad():
+        model(**batch.inputs)
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(vlmplug.AlreadyAppliedError):
+        vlmplug.apply(model, vlmplug.VAR(layers=[1]))
+    assert not calls and old.active
+    with vlmplug.apply(model, vlmplug.VAR(layers=[1], tau=5.0), replace=True) as h:
+        assert calls and not old.active
+        assert h.stats["var"]["sink_dims"] == [5, 20]
+    hook.remove()

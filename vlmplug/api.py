@@ -166,14 +166,14 @@ def apply(model: nn.Module, methods, *, replace: bool = False, processor: Any = 
     adapter = get_adapter(model, processor)
     runners = _resolve(methods, params)
     _assign_passes(runners, passes)
-    for m in runners:
-        m.setup(adapter)
     old = model.__dict__.get("_vlmplug_handle")
+    if old is not None and old.active and not replace:
+        raise AlreadyAppliedError(
+            f"this model already has {old!r}; call .remove() on it or pass replace=True (methods are not stacked silently)"
+        )
+    for m in runners:  # (a setup that runs the model, e.g. a calibration, pauses the old handle: Session.paused)
+        m.setup(adapter)
     if old is not None and old.active:
-        if not replace:
-            raise AlreadyAppliedError(
-                f"this model already has {old!r}; call .remove() on it or pass replace=True (methods are not stacked silently)"
-            )
         old.remove()
     session = Session(model, adapter, runners)
     try:

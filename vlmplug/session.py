@@ -179,9 +179,23 @@ class Session:
         finally:
             self._label = prev
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside run as if unpatched (no method acts; a pass of their own, so no other pass's state is
+        touched): for calibration passes a method's setup runs on a model that is already patched."""
+        prev = getattr(self._local, "paused", False)
+        self._local.paused = True
+        try:
+            with self.pass_("vlmplug-paused"):
+                yield
+        finally:
+            self._local.paused = prev
+
     @property
     def active(self) -> list:
         """The runners that act in the pass running now (`passes=` of apply())."""
+        if getattr(self._local, "paused", False):
+            return []
         label = self._label
         return [m for m in self.methods if getattr(m, "passes", None) is None or label in m.passes]
 

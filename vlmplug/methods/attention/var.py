@@ -27,6 +27,7 @@ test reads each layer's input hidden states once at prefill (O(L x |D_sink|)).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -125,8 +126,10 @@ def find_sink_dims(model, n_dims: int = 2, adapter=None, samples: int = 4, lengt
         ids[:, 0] = bos
     dev = model.get_input_embeddings().weight.device
     hooks = [layers[li].register_forward_pre_hook(grab(li), with_kwargs=True) for li in band]
+    live = model.__dict__.get("_vlmplug_handle")
+    unpatched = live.session.paused() if live is not None and live.active else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unpatched:
             model(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), use_cache=False)
     finally:
         for h in hooks:
