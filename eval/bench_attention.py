@@ -261,7 +261,7 @@ def worker(mode: str, args) -> dict:
         branch = []
         for _ in range(args.reps):
             p0 = generate(inputs, 0)[0]
-            branch.append((p0, handle.stats["vhr"]["branch_seconds"]))
+            branch.append((p0, handle.method("vhr").branch_seconds))
         res["extra_prefill"] = statistics.median(b for _, b in branch)
         res["prefill"] = statistics.median(p - b for p, b in branch)
         res["extra_decode"] = 0.0

@@ -142,5 +142,5 @@ def test_vhr_under_inference_mode():
         with torch.inference_mode():
             b = model(**batch.inputs).logits
             g = model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
-        assert h.stats["vhr"]["heads"] == heads and h.stats["vhr"]["branch_seconds"] > 0
+        assert h.stats["vhr"]["heads"] == heads and h.method("vhr").branch_seconds > 0
     assert torch.equal(a, b) and g.shape[1] == batch.inputs["input_ids"].shape[1] + 2

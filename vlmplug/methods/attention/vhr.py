@@ -244,6 +244,10 @@ class VHRRunner(Method):
         return {"alpha": self.alpha, "layers": list(self._layers), "outlier_filter": self.outlier_filter,
                 # per layer, per sample: the reinforced heads of the latest prefill
                 "heads": [None if li not in sel else [torch.nonzero(r).flatten().tolist() for r in sel[li]]
-                          for li in self._layers],
-                # time of the latest prefill spent in the text-only branch (a method-inherent extra pass)
-                "branch_seconds": self._branch_seconds}
+                          for li in self._layers]}
+
+    @property
+    def branch_seconds(self) -> float:
+        """Seconds the latest prefill of the main pass spent in the text-only branch (an extra pass inherent to
+        the method; eval/bench_attention.py reports it apart)."""
+        return self._branch_seconds
