@@ -124,9 +124,25 @@ EDITS = {
 }
 
 
+@pytest.fixture(params=["auto", "columns", "rows"])
+def rd_path(request, monkeypatch):
+    """How the kernel carries a redistribution: its own choice, extra SDPA value columns for every row, or explicit
+    softmax rows (both must equal the reference)."""
+    from vlmplug.backend import kernels
+
+    if request.param == "columns":
+        monkeypatch.setattr(kernels, "EXPLICIT_MAX_ROWS", -1)
+        monkeypatch.setattr(kernels, "EXPLICIT_ROW_SHARE", -1.0)
+    elif request.param == "rows":
+        monkeypatch.setattr(kernels, "EXPLICIT_MAX_ROWS", 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("fam", FAMS)
 @pytest.mark.parametrize("edit", list(EDITS))
-def test_edit_matches_eager_reference(fam, edit):
+def test_edit_matches_eager_reference(fam, edit, rd_path):
+    if rd_path != "auto" and not EDITS[edit].get("fraction"):
+        pytest.skip("no redistribution in this edit")
     model = tiny(fam)
     batch = make_batch(fam, model, (1, 2))
     real = batch.inputs["attention_mask"].bool()

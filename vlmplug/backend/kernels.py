@@ -108,6 +108,74 @@ def amplified_rows(plan: LayerPlan, query, key, value, attention_mask, scaling, 
     return out.scatter(2, idx, new)
 
 
+#: a redistribution is computed on explicit softmax rows (O(rows x S), plain SDPA for the output) when it edits at most
+#: this many rows (decode steps) or at most this share of the call's rows (VAR's text rows after a long image);
+#: otherwise extra SDPA value columns carry it for every row at once
+EXPLICIT_MAX_ROWS = 16
+EXPLICIT_ROW_SHARE = 0.25
+
+
+def _per_row(x: torch.Tensor, B: int, Hq: int, Lq: int) -> torch.Tensor:
+    """A per-head value [Hq], [B, Hq] or [B, Hq, Lq] -> [B, Hq, Lq]."""
+    x = x.float()
+    if x.dim() == 1:
+        return x.view(1, Hq, 1).expand(B, Hq, Lq)
+    if x.dim() == 2:
+        return x.view(B, Hq, 1).expand(B, Hq, Lq)
+    return x.expand(B, Hq, Lq)
+
+
+def _per_key(m: torch.Tensor) -> torch.Tensor:
+    """Key set [B, S] or [B, Hq, S] -> float [B, 1|Hq, 1, S]."""
+    m = m.float()
+    return m[:, None, None, :] if m.dim() == 2 else m[:, :, None, :]
+
+
+def explicit_redistribution(plan: LayerPlan, rd_rows: torch.Tensor, query, key, value, attention_mask, scaling,
+                            causal_module, out) -> torch.Tensor:
+    """`out` [B, Hq, Lq, Dv] with the rows `rd_rows` (bool [B, Lq]) recomputed from explicit softmax rows with the
+    redistribution (and its gate) applied; O(rows x S) per chunk, never L x L."""
+    rd = plan.redistribute
+    B, Hq, Lq, _ = query.shape
+    Hkv, S, Dv = key.shape[1], key.shape[2], value.shape[-1]
+    sel = rd_rows.to(query.device)
+    chosen_all = torch.zeros(B, Hq, Lq, dtype=torch.bool, device=query.device) if rd.gate is not None else None
+    if not bool(sel.any()):
+        if rd.gate is not None and rd.gate.on_select is not None:
+            rd.gate.on_select(chosen_all)
+        return out
+    order, real = _selected(sel)
+    frac_all = _per_row(rd.fraction.to(query.device), B, Hq, Lq)
+    iS, iT = _per_key(rd.sinks.to(query.device)), _per_key(rd.targets.to(query.device))
+    iP = _per_key(rd.gate.pool.to(query.device)) if rd.gate is not None else None
+    new = []
+    for s in range(0, order.shape[1], PROBE_CHUNK):
+        rows = order[:, s : s + PROBE_CHUNK]
+        ok_rows = real[:, s : s + PROBE_CHUNK]
+        p = torch.softmax(_row_scores(query, key, rows, scaling, plan.bias, None, attention_mask, causal_module, Lq),
+                          dim=-1).nan_to_num(0.0)  # [B, Hq, n, S]
+        mS, mT = (p * iS).sum(-1), (p * iT).sum(-1)  # [B, Hq, n]
+        f = torch.gather(frac_all, 2, rows[:, None, :].expand(B, Hq, rows.shape[1])) * ok_rows[:, None, :]
+        if rd.gate is not None:
+            mP = (p * iP).sum(-1)
+            chosen = (mP > 0) & (mP >= rd.gate.min_mass) & (mT >= rd.gate.min_share * mP) & ok_rows[:, None, :]
+            f = f * chosen
+            chosen_all.scatter_(2, rows[:, None, :].expand(B, Hq, rows.shape[1]),
+                                chosen & (f > 0) | torch.gather(chosen_all, 2, rows[:, None, :].expand(B, Hq, rows.shape[1])))
+        ok = mT > 0
+        f = torch.where(ok, f, torch.zeros_like(f))
+        gain = (f * mS / torch.where(ok, mT, torch.ones_like(mT)))[..., None]
+        p = p - f[..., None] * p * iS + gain * p * iT
+        o = p.view(B, Hkv, Hq // Hkv, rows.shape[1], S) @ value.float().view(B, Hkv, 1, S, Dv)
+        new.append(o.view(B, Hq, rows.shape[1], Dv))
+    new = torch.cat(new, 2)
+    idx = order[:, None, :, None].expand(B, Hq, order.shape[1], Dv)
+    new = torch.where(real[:, None, :, None], new.to(out.dtype), torch.gather(out, 2, idx))
+    if rd.gate is not None and rd.gate.on_select is not None:
+        rd.gate.on_select(chosen_all)
+    return out.scatter(2, idx, new)
+
+
 def run_probe(module, probe: Probe, query, key, attention_mask, scaling, causal_module, bias=None, amp=None) -> None:
     B, Hq, Lq, D = query.shape
     S = key.shape[2]
@@ -174,6 +242,16 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
         extra_q.append(torch.ones(B, Hq, Lq, 1, dtype=q.dtype, device=q.device))
         extra_k.append((plan.bias.to(k.device) / scale).to(k.dtype)[..., None])
     rd = plan.redistribute
+    rd_rows = None
+    if rd is not None:
+        rd_rows = rd.rows.to(q.device) if rd.rows is not None else torch.ones(B, Lq, dtype=torch.bool, device=q.device)
+        n_rows = int(rd_rows.sum(-1).max()) if B else 0
+        if plan.amplify is not None:
+            raise PlanConflict("one plan both redistributes and amplifies attention; they rewrite the same rows")
+        if n_rows <= EXPLICIT_MAX_ROWS or n_rows <= EXPLICIT_ROW_SHARE * Lq:
+            rd = None  # explicit rows below; SDPA computes the plain output
+        else:
+            rd_rows = None
     if rd is not None:
         if rd.sinks.dim() == 3 or rd.targets.dim() == 3:  # per query head: per-head value columns
             if k.shape[1] != Hq:
@@ -226,9 +304,9 @@ def fast_kernel(module, query, key, value, attention_mask, scaling, kwargs, plan
         if rd.rows is not None:
             new = torch.where(rd.rows.to(o.device)[:, None, :, None], new, out.float())
         out = new.to(out.dtype)
+    if rd_rows is not None:
+        out = explicit_redistribution(plan, rd_rows, query, key, value, attention_mask, scale, causal_module, out)
     if plan.amplify is not None:
-        if rd is not None:
-            raise PlanConflict("one plan both redistributes and amplifies attention; they rewrite the same rows")
         out = amplified_rows(plan, query, key, value, attention_mask, scale, causal_module, out)
     if plan.head_scale is not None:
         hs = plan.head_scale.to(out.device, out.dtype)
