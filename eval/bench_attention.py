@@ -175,6 +175,13 @@ def worker(mode: str, args) -> dict:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     dtype = getattr(torch, args.dtype)
+    if args.rd_path != "auto":  # measure one way of carrying a redistribution (backend/kernels.py)
+        from vlmplug.backend import kernels
+
+        if args.rd_path == "rows":
+            kernels.EXPLICIT_MAX_ROWS = 10**9
+        else:
+            kernels.EXPLICIT_MAX_ROWS, kernels.EXPLICIT_ROW_SHARE = -1, -1.0
     cfg = llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
     model = build_random(cfg, dtype=dtype, device=args.device)
     inputs = llava_prompt(cfg, device=args.device)
@@ -281,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rd-path", choices=("auto", "rows", "columns"), default="auto",
+                   help="force how the kernel carries a redistribution (explicit rows or extra value columns)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of the modes (sdpa always runs)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
@@ -292,7 +301,7 @@ def main(argv=None) -> int:
     modes = ["sdpa"] + [m for m in args.modes.split(",") if m in MODES and m != "sdpa"]
     for mode in modes:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode]
-        for k in ("text_layers", "vision_layers", "decode_tokens", "reps", "device", "dtype", "threads"):
+        for k in ("text_layers", "vision_layers", "decode_tokens", "reps", "device", "dtype", "threads", "rd_path"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         res = run_worker(cmd)
         if isinstance(res, int):

@@ -51,7 +51,12 @@ def _largest(model, inputs, mode_cls=None, **kw):
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_vl"])
-def test_no_head_by_l_by_l_tensor_in_attention(fam):
+def test_no_head_by_l_by_l_tensor_in_attention(fam, monkeypatch):
+    from vlmplug.backend import kernels
+
+    # rows read explicitly (probes, amplified and redistributed rows) go PROBE_CHUNK at a time: chunk x L by design;
+    # a small chunk here, so that these short prompts would show an L x L tensor
+    monkeypatch.setattr(kernels, "PROBE_CHUNK", 16)
     model = tiny(fam)
     batch = make_batch(fam, model, (2, 2), text_lens=(40, 60))  # long enough that L*L dominates
     B, L = batch.inputs["input_ids"].shape

@@ -108,11 +108,14 @@ def amplified_rows(plan: LayerPlan, query, key, value, attention_mask, scaling, 
     return out.scatter(2, idx, new)
 
 
-#: a redistribution is computed on explicit softmax rows (O(rows x S), plain SDPA for the output) when it edits at most
-#: this many rows (decode steps) or at most this share of the call's rows (VAR's text rows after a long image);
-#: otherwise extra SDPA value columns carry it for every row at once
+#: a redistribution is computed on explicit softmax rows, PROBE_CHUNK rows at a time (O(chunk x S) memory, plain SDPA
+#: for the output) when it edits at most this many rows or at most this share of the call's rows; otherwise extra SDPA
+#: value columns carry it for every row in the one fused call. Measured (eval/bench_attention.py, CPU fp32, LLaVA-7B
+#: shapes): the columns triple q/k/v's width (ACT, every row: peak memory 1.32x SDPA), explicit rows cost 1.00x;
+#: so explicit rows are the default everywhere. The column path stays (tested, `--rd-path columns`) for a GPU
+#: comparison still to be made.
 EXPLICIT_MAX_ROWS = 16
-EXPLICIT_ROW_SHARE = 0.25
+EXPLICIT_ROW_SHARE = 1.0
 
 
 def _per_row(x: torch.Tensor, B: int, Hq: int, Lq: int) -> torch.Tensor:
