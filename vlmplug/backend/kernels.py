@@ -1,9 +1,10 @@
 """The attention math. `fast_kernel` is the only main path: SDPA plus edits, never an L x L tensor.
 
 - bias: folded into SDPA by one extra q/k feature (q' = [q, 1], k' = [k, b/scale]), exact.
-- redistribute: extra value columns (v masked to sinks, v masked to targets, the two indicators) make
-  the same fused SDPA call return, per row, the sink/target mass and the weighted sums needed to
-  move mass; cost grows with head_dim, not with L^2.
+- redistribute: by default on explicit softmax rows of the edited queries, PROBE_CHUNK rows at a time (O(chunk x S)
+  memory), plain SDPA for the output; or (EXPLICIT_* thresholds) extra value columns (v masked to sinks, v masked
+  to targets, the indicators) that make the same fused SDPA call return, per row, the masses and weighted sums
+  needed to move mass.
 - head scale: a multiply of the output heads.
 - probes: softmax rows of the selected queries only (O(rows x S)), with the model's mask and GQA.
 - key mask: removed keys are folded into the boolean mask SDPA gets (exact, as if the tokens were gone).

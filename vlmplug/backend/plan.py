@@ -48,8 +48,8 @@ class PlanConflict(VlmplugError, RuntimeError):
 
 @dataclass
 class Gate:
-    """Limit a redistribution to the (head, query row) pairs whose attention passes a test, decided inside the same
-    SDPA call (one more value column, no L x L): the `pool` keys get at least `min_mass` of the row's attention and
+    """Limit a redistribution to the (head, query row) pairs whose attention passes a test, decided from the very
+    rows the redistribution edits (no extra pass, no L x L): the `pool` keys get at least `min_mass` of the row's attention and
     the redistribution's targets hold at least `min_share` of the pool's mass (VAR's image-centric heads: pool =
     image tokens, targets = its non-sink tokens). A row whose pool gets no attention is never edited.
 

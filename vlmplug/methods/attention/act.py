@@ -17,7 +17,7 @@ official search range 2..30 of 32). Defaults beta 0.4, threshold 0.1 (scripts/ca
 identity.
 
 SDPA cost: the column means need every row's attention in the chosen layers, computed in chunks of rows (O(chunk x
-S) memory, never L x L) at prefill; the redistribution is extra value columns of the one SDPA call.
+S) memory, never L x L) at prefill; the redistribution runs on the same kind of chunked rows (backend/kernels.py).
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ summ 0.2; seilk/VisAttnSink A_exps/lv1.5_7b.yml):
     shadowed by a class attribute, so the last layer is modified).
 `p=0` (paper) or `p=1` (code) is the identity.
 
-SDPA cost: the selection (image mass and sink share per row and head) and the redistribution come out of the same
-fused SDPA call through extra value columns (backend/plan.py `Gate`, `Redistribute`); no L x L tensor. The sink
-test reads each layer's input hidden states once at prefill (O(L x |D_sink|)).
+SDPA cost: the selection (image mass and sink share per row and head) and the redistribution come from the edited
+rows' own softmax (backend/plan.py `Gate`, `Redistribute`): the text rows only, a chunk at a time, SDPA for every
+other row; no L x L tensor. The sink test reads each layer's input hidden states once at prefill (O(L x |D_sink|)).
 """
 from __future__ import annotations
 
