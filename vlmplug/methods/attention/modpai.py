@@ -22,7 +22,6 @@ the mean over heads (so the strengths average to alpha and beta). The code's opt
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from ...registry import register_method
 from ...selection import check_selection, freeze, resolve
 from ..base import Method, MethodConfig, check_choice, check_range
 from ..pruning.vision_scores import VisionScores
-from .pai import pai_mix, text_only_inputs
+from .pai import next_token_rows, pai_mix, text_only_inputs, warn_missing_branch
 
 
 def iqr_outliers(x: torch.Tensor) -> torch.Tensor:
@@ -101,13 +100,7 @@ class ModPAIRunner(VisionScores, Method):
         return {"amplify": set(self._layers)} if self._on else {}
 
     def begin_forward(self, session):
-        st = session.state
-        if (self.gamma != 1.0 and st.label == "main" and st.phase == "decode" and not getattr(self, "_warned", False)
-                and session.state_of("modpai-text") is None):
-            self._warned = True
-            warnings.warn(f"modpai: gamma={self.gamma} needs its text-only branch beside generate(): pass "
-                          "logits_processor=handle.guidance(inputs) (vlmplug.generate does); running the attention "
-                          "intervention only", stacklevel=2)
+        warn_missing_branch(self, session, "modpai-text")
 
     def _image_scores(self, n_rows: int, image, first, penult) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of one image's features: (first-layer, penultimate-layer) scores; NaN where a row has no patch."""
@@ -150,14 +143,7 @@ class ModPAIRunner(VisionScores, Method):
         marks = self._marks.get(ctx.label)
         if marks is None:
             return None
-        rows = torch.zeros(ctx.batch, ctx.q_len, dtype=torch.bool, device=ctx.device)
-        for b, s in enumerate(ctx.layout.samples):
-            if not s.images:
-                continue
-            if ctx.phase == "prefill":
-                rows[b] = ctx.q_pos[b].to(ctx.device) == s.last_real
-            else:
-                rows[b, -1] = True
+        rows = next_token_rows(ctx)
         if not bool(rows.any()):
             return None
         top, bottom = ctx.keys_at(marks[0]), ctx.keys_at(marks[1])

@@ -58,13 +58,7 @@ class PAIRunner(Method):
         self._layers = set(resolve("pai", "layers", self.layers, adapter.num_layers))
 
     def begin_forward(self, session):
-        st = session.state
-        if (self.gamma != 1.0 and st.label == "main" and st.phase == "decode" and not getattr(self, "_warned", False)
-                and session.state_of("pai-text") is None):
-            self._warned = True
-            warnings.warn(f"pai: gamma={self.gamma} needs its text-only branch beside generate(): pass "
-                          "logits_processor=handle.guidance(inputs) (vlmplug.generate does); running the attention "
-                          "intervention only", stacklevel=2)
+        warn_missing_branch(self, session, "pai-text")
 
     def edit_layers(self):
         return {"amplify": set(self._layers)} if self.alpha > 0 else {}
@@ -72,14 +66,7 @@ class PAIRunner(Method):
     def layer_plan(self, ctx):
         if self.alpha == 0 or ctx.layer_idx not in self._layers or ctx.layout is None:
             return None
-        rows = torch.zeros(ctx.batch, ctx.q_len, dtype=torch.bool, device=ctx.device)
-        for b, s in enumerate(ctx.layout.samples):
-            if not s.images:
-                continue
-            if ctx.phase == "prefill":
-                rows[b] = ctx.q_pos[b].to(ctx.device) == s.last_real
-            else:
-                rows[b, -1] = True  # the token being generated
+        rows = next_token_rows(ctx)
         if not bool(rows.any()):
             return None
         return LayerPlan(amplify=Amplify(keys=ctx.image_keys, alpha=torch.tensor(float(self.alpha)), rows=rows))
@@ -104,6 +91,31 @@ class PAIRunner(Method):
 
         return PassMix(self.session.model, text_only_inputs(self.session, inputs), mix=pai_mix(self.gamma, self.beta),
                        label="pai-text")
+
+
+def next_token_rows(ctx) -> torch.Tensor:
+    """bool [B, Lq]: the query row that produces the next token (the prompt's last token at prefill, the new token
+    while decoding), in samples with an image."""
+    rows = torch.zeros(ctx.batch, ctx.q_len, dtype=torch.bool, device=ctx.device)
+    for b, s in enumerate(ctx.layout.samples):
+        if not s.images:
+            continue
+        if ctx.phase == "prefill":
+            rows[b] = ctx.q_pos[b].to(ctx.device) == s.last_real
+        else:
+            rows[b, -1] = True  # the token being generated
+    return rows
+
+
+def warn_missing_branch(runner, session, label: str) -> None:
+    """Warn once when decoding runs with gamma != 1 but the method's CFG branch (pass `label`) never ran."""
+    st = session.state
+    if (runner.gamma != 1.0 and st.label == "main" and st.phase == "decode" and not getattr(runner, "_warned", False)
+            and session.state_of(label) is None):
+        runner._warned = True
+        warnings.warn(f"{runner.name}: gamma={runner.gamma} needs its text-only branch beside generate(): pass "
+                      "logits_processor=handle.guidance(inputs) (vlmplug.generate does); running the attention "
+                      "intervention only", stacklevel=3)
 
 
 def pai_mix(gamma: float, beta: float):
