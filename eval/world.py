@@ -58,7 +58,10 @@ def load(model_id: str, device: str, dtype: str | None):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=getattr(torch, dtype) if dtype else "auto")
+    from vlmplug.compat import load_kwargs
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_id, **load_kwargs(dtype=getattr(torch, dtype) if dtype else "auto"))
     return model.to(device).eval(), AutoProcessor.from_pretrained(model_id)
 
 

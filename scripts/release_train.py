@@ -1,5 +1,6 @@
 """Versions for `make test-latest`: `newest` prints the newest transformers release the package registry
-serves (pre-releases excluded), `locked` the one requirements/lock.txt pins."""
+serves (pre-releases excluded), `locked` the one requirements/lock.txt pins, `unmet DIR` lists the requirements
+of the transformers installed alone (--no-deps) in DIR that the venv does not satisfy."""
 from __future__ import annotations
 
 import re
@@ -27,8 +28,33 @@ def locked(package: str = "transformers") -> str:
     sys.exit(f"{package} is not pinned in {LOCK}")
 
 
+def unmet(folder: str) -> list[str]:
+    """Requirements (not extras) of the transformers dist in `folder` that the running environment does not meet."""
+    from importlib.metadata import PackageNotFoundError, distributions, version
+
+    from packaging.requirements import Requirement
+
+    dist = next(d for d in distributions(path=[folder]) if d.metadata["Name"].lower() == "transformers")
+    out = []
+    for line in dist.requires or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = version(req.name)
+        except PackageNotFoundError:
+            have = None
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            out.append(f"{req} (have {have or 'none'})")
+    return out
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "newest"
-    if what not in ("newest", "locked"):
-        sys.exit("usage: release_train.py newest|locked")
-    print(newest() if what == "newest" else locked())
+    if what == "unmet" and len(sys.argv) == 3:
+        missing = unmet(sys.argv[2])
+        print("  unmet requirements: " + (", ".join(missing) if missing else "none"))
+    elif what in ("newest", "locked"):
+        print(newest() if what == "newest" else locked())
+    else:
+        sys.exit("usage: release_train.py newest|locked|unmet DIR")

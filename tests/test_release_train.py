@@ -164,3 +164,15 @@ def test_attention_that_stops_dispatching_to_vlmplug_raises(fam):
         h.session.adapter.text_config._attn_implementation_internal = "sdpa"
         _raises(lambda: model(**batch.inputs), "did not run through vlmplug's attention function", "record")
 
+
+
+def test_loaders_opt_out_of_hub_kernels():
+    """transformers 5.25 kernelizes at load by default (needs the `kernels` package, fetches hub kernels): vlmplug's
+    loaders pass use_kernels=False unless the caller asks otherwise."""
+    from vlmplug.compat import load_kwargs
+    from vlmplug.world import load_world
+
+    assert load_kwargs() == {"use_kernels": False}
+    assert load_kwargs(use_kernels=True, dtype="x") == {"use_kernels": True, "dtype": "x"}
+    model, _ = load_world()
+    assert not getattr(model, "use_kernels", False)

@@ -19,7 +19,7 @@ import torch
 from .errors import TransformersMismatchError
 
 #: oldest and newest transformers releases the suite has passed on
-TESTED_RANGE = ("5.17.0", "5.24.0")
+TESTED_RANGE = ("5.17.0", "5.25.0")
 
 #: role -> the keyword names transformers has used for it, newest first
 ROLES: dict[str, tuple[str, ...]] = {
@@ -34,6 +34,17 @@ ROLES: dict[str, tuple[str, ...]] = {
     "position_embeddings": ("position_embeddings",),
     "hidden_states": ("hidden_states",),
 }
+
+
+def load_kwargs(**given) -> dict:
+    """Keyword arguments vlmplug passes to `from_pretrained`, merged under the caller's own.
+
+    transformers 5.25 kernelizes every model at load by default (`use_kernels` None -> True): it needs the `kernels`
+    package and replaces layer forwards with kernels fetched from the hub. vlmplug loads with `use_kernels=False`
+    (every release since 5.17 accepts the flag; earlier ones defaulted to False); pass `use_kernels=True` to opt in
+    (attention still dispatches through vlmplug's function, and a layer that bypasses it fails loudly).
+    """
+    return {"use_kernels": False, **given}
 
 
 def transformers_version() -> str:

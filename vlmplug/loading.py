@@ -21,7 +21,9 @@ def load(name_or_path: str = "world", device: Any = "cpu", dtype: Any = None, **
         return load_world(device=device, dtype=dtype)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype or "auto", **kwargs)
+    from .compat import load_kwargs
+
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype or "auto", **load_kwargs(**kwargs))
     if "device_map" not in kwargs and "quantization_config" not in kwargs:
         model.to(device)
     processor = AutoProcessor.from_pretrained(name_or_path)

@@ -55,7 +55,10 @@ def load_world(device: Any = "cpu", dtype: Any = None, path: str | Path | None =
         )
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
+    from ..compat import load_kwargs
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, **load_kwargs(dtype=dtype or torch.float32, local_files_only=True))
     model.to(device)
     model.eval()
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)

@@ -476,7 +476,9 @@ def _train(cfg: TrainConfig, out: Path, log_file, progress_bar: bool):
     if cfg.init_from:
         from transformers import LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+        from ..compat import load_kwargs
+
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, **load_kwargs(dtype=torch.float32))
         if cfg.grow_text_layers:
             model = grow_text_layers(model, cfg.grow_text_layers, cfg.seed)
     else:
