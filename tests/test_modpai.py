@@ -108,3 +108,27 @@ def test_modpai_llm_rule(family, heads):
     assert torch.equal(g.sequences, gr.sequences)
     for a, b in zip(g.logits, gr.logits):
         assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava_next", "qwen2_vl", "gemma3"])
+def test_modpai_beams_and_fresh_token_sets(fam):
+    """Beams (generate repeats the prompt's rows): every copy gets the image's sets. A prompt whose image-feature
+    call brings no token sets is not boosted with the previous prompt's and fails loudly."""
+    from vlmplug.runtime import features
+
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 1))
+    cfg = vlmplug.ModPAI(layers=[0, 1], gamma=1.0, local_ratio=0.5)
+    with torch.no_grad(), vlmplug.apply(model, cfg) as h:
+        g = model.generate(**batch.inputs, num_beams=2, max_new_tokens=3, do_sample=False)
+        assert g.shape[0] == 2
+        sets = h.result("modpai")
+        assert len(sets["informative"]) == 4 and sets["informative"][0] == sets["informative"][1]
+        orig = features._rows_per_image
+        features._rows_per_image = lambda *a: None  # the feature methods are skipped for the next prompt
+        try:
+            with pytest.warns(UserWarning, match="feature methods skipped"), \
+                    pytest.raises(vlmplug.TransformersMismatchError, match="modpai expected the vision tower"):
+                model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
+        finally:
+            features._rows_per_image = orig

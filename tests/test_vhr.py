@@ -144,3 +144,17 @@ def test_vhr_under_inference_mode():
             g = model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
         assert h.stats["vhr"]["heads"] == heads and h.method("vhr").branch_seconds > 0
     assert torch.equal(a, b) and g.shape[1] == batch.inputs["input_ids"].shape[1] + 2
+
+
+def test_vhr_limited_to_main_and_without_cache():
+    """passes={"vhr": ["main"]} still runs its own text-only branch; generate without a KV cache (every step a
+    prefill of the grown prompt) keeps the heads chosen at the first step: the same tokens as with the cache."""
+    model = tiny("llava")
+    batch = make_batch("llava", model, (1, 1))
+    with torch.no_grad():
+        with vlmplug.apply(model, vlmplug.VHR(layers=[0, 1]), passes={"vhr": ["main"]}) as h:
+            a = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
+            heads = h.stats["vhr"]["heads"]
+            b = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+            assert h.stats["vhr"]["heads"] == heads
+    assert torch.equal(a, b)

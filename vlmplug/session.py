@@ -197,7 +197,8 @@ class Session:
         if getattr(self._local, "paused", False):
             return []
         label = self._label
-        return [m for m in self.methods if getattr(m, "passes", None) is None or label in m.passes]
+        return [m for m in self.methods
+                if getattr(m, "passes", None) is None or label in m.passes or label in m.own_passes]
 
     # ------------------------------------------------------------ forward
     def _on_base_forward(self, module, args, kwargs):
@@ -231,11 +232,14 @@ class Session:
                             self.drop_layer)
         else:
             st.begin_decode(past, q_len or 0)
+        # a prefill on encoder outputs planned before (generate(use_cache=False) steps): no image-feature call comes
+        st.reuses_encoder = (st.phase == "prefill" and compat.read(kwargs, "mm_encoder_outputs") is not None
+                             and not self.features.pending)
         for m in self.active:
             m.begin_forward(self)
         self.in_forward = True
         if st.phase == "prefill":
-            self.features.at_prefill(compat.read(kwargs, "mm_encoder_outputs") is not None)
+            self.features.at_prefill(st.reuses_encoder)
         return None
 
     def _layer_input_hook(self, li: int):

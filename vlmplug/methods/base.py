@@ -125,6 +125,8 @@ class Method:
     kv_prune_layers: tuple[int, ...] = ()
     #: pass labels the method acts in (None: every pass); set by apply(passes=...)
     passes: frozenset | None = None
+    #: passes the method runs itself (e.g. VHR's text-only branch): it acts there whatever `passes` says
+    own_passes: ClassVar[frozenset] = frozenset()
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config

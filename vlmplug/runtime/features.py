@@ -73,6 +73,11 @@ class FeatureInterceptor:
         return (feats,) + tuple(args[1:])
 
     # ------------------------------------------------------------ plans
+    @property
+    def pending(self) -> bool:
+        """Image features encoded before this forward wait for their plans (generate's path)."""
+        return self._out is not None
+
     def at_prefill(self, reuses_encoder_outputs: bool) -> None:
         """A prefill starts: features encoded before it (generate path) get their plans now. A prefill that reuses
         encoder outputs already planned (generate(use_cache=False) hands the same ones to every step; their merged

@@ -25,6 +25,7 @@ class ForwardState:
     sizes: list | None = None  # original image sizes of this prompt (set_image_sizes)
     static_cache: bool = False
     has_cache: bool = False  # the base model's forward received a KV cache
+    reuses_encoder: bool = False  # this prefill got encoder outputs computed before (no image-feature call)
     # what the backend and hooks did in this forward (checked by Session.verify_forward)
     effects: set = field(default_factory=set)
     text_calls: set = field(default_factory=set)  # decoder layers whose attention reached the backend

@@ -90,6 +90,7 @@ class ModPAIRunner(VisionScores, Method):
         v = sorted(self._vision_layers)
         self._first, self._penult = v[0], v[-1]
         self._marks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # pass -> (informative, outliers) [B, L]
+        self._fresh: dict[str, bool] = {}  # pass -> the marks belong to its current prompt
         self._counts: list = []
 
     @property
@@ -101,6 +102,9 @@ class ModPAIRunner(VisionScores, Method):
 
     def begin_forward(self, session):
         warn_missing_branch(self, session, "modpai-text")
+        st = session.state
+        if st.phase == "prefill" and not st.reuses_encoder:
+            self._fresh[st.label] = False  # this prompt's image-feature call must bring its own token sets
 
     def _image_scores(self, n_rows: int, image, first, penult) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of one image's features: (first-layer, penultimate-layer) scores; NaN where a row has no patch."""
@@ -124,15 +128,21 @@ class ModPAIRunner(VisionScores, Method):
         L = max(st.prompt_len, max(int(im.positions.max()) + 1 for _, im in images))
         top = torch.zeros(len(session.layout.samples), L, dtype=torch.bool)
         bottom = torch.zeros_like(top)
-        counts = []
+        counts, done = [], {}
         for x, (b, im) in zip(rows, images):
-            f, p = self._image_scores(x.shape[0], im, first, penult)
-            t, o = token_sets(f, p, self.local_ratio)
+            if im.index is not None and im.index in done:  # a row generate() repeated (beams): the same image
+                t, o = done[im.index]
+            else:
+                f, p = self._image_scores(x.shape[0], im, first, penult)
+                t, o = token_sets(f, p, self.local_ratio)
+                if im.index is not None:
+                    done[im.index] = (t, o)
             pos = im.positions.cpu()
             top[b, pos[t]] = True
             bottom[b, pos[o]] = True
             counts.append([int(t.sum()), int(o.sum())])
         self._marks[st.label] = (top, bottom)
+        self._fresh[st.label] = True
         if st.label == "main":
             self._counts = counts
         return None
@@ -141,7 +151,7 @@ class ModPAIRunner(VisionScores, Method):
         if not self._on or ctx.layer_idx not in self._layers or ctx.layout is None:
             return None
         marks = self._marks.get(ctx.label)
-        if marks is None:
+        if marks is None or not self._fresh.get(ctx.label):
             return None
         rows = next_token_rows(ctx)
         if not bool(rows.any()):
@@ -158,7 +168,7 @@ class ModPAIRunner(VisionScores, Method):
     def verify(self, session):
         if not self._on:
             return None
-        if session.state.label not in self._marks:
+        if not self._fresh.get(session.state.label):
             return "modpai expected the vision tower's attention of this prompt's images; none was seen"
         missed = sorted(li for li in self._layers if ("amplify", li) not in session.state.effects)
         if missed:

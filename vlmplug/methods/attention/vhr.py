@@ -79,6 +79,7 @@ class _Branch:
         self.to_text: queue.Queue = queue.Queue()
         self.last_layer = last_layer
         self.thread = threading.Thread(target=self._run, args=(session, inputs), daemon=True, name="vlmplug-vhr")
+        self.thread.vlmplug_branch = self  # the branch's own queues, even if a newer branch has started since
         self.waited = 0.0  # seconds the prefill waited for the branch: the branch's own time (they alternate)
 
     @staticmethod
@@ -118,6 +119,8 @@ class _Branch:
 
 
 class VHRRunner(Method):
+    own_passes = frozenset({BRANCH})
+
     def setup(self, adapter):
         n = adapter.num_layers
         if self.layers is None:
@@ -128,6 +131,7 @@ class VHRRunner(Method):
         self._branch: _Branch | None = None
         self._pending: dict[str, bool] = {}
         self._branch_seconds = 0.0
+        self._prompts: dict[str, torch.Tensor | None] = {}  # pass -> the prompt its heads were chosen for
 
     def _stop_branch(self):
         b, self._branch = self._branch, None
@@ -144,6 +148,12 @@ class VHRRunner(Method):
         if st.label == BRANCH or st.phase != "prefill":
             return
         self._stop_branch()
+        prev = self._prompts.get(st.label)
+        ids = st.input_ids
+        if (prev is not None and ids is not None and ids.shape[0] == prev.shape[0] and ids.shape[1] > prev.shape[1]
+                and torch.equal(ids[:, : prev.shape[1]].cpu(), prev)):
+            return  # the same prompt grown by generated tokens (generate without a KV cache): heads stay as chosen
+        self._prompts[st.label] = ids.detach().cpu().clone() if ids is not None else None
         self._selected[st.label] = {}
         self._pending[st.label] = self.alpha != 1
         if st.label == "main":
@@ -154,7 +164,7 @@ class VHRRunner(Method):
         if li not in self._layers:
             return None
         if ctx.label == BRANCH:
-            return self._branch_plan(ctx) if self._branch is not None else None
+            return self._branch_plan(ctx)
         sel = self._selected.get(ctx.label, {})
         if ctx.phase == "prefill" and self._pending.get(ctx.label):
             lay = ctx.layout
@@ -217,7 +227,9 @@ class VHRRunner(Method):
 
     def _branch_plan(self, ctx):
         """Inside the text-only branch's thread, at a chosen layer: report the head outputs, take the choice."""
-        b = self._branch
+        b = getattr(threading.current_thread(), "vlmplug_branch", None)
+        if b is None:  # a branch forward that is not this runner's thread
+            return None
         b.to_main.put(("layer", (ctx.layer_idx, ctx.head_outputs(self._last_rows(ctx)).cpu())))
         chosen = b.to_text.get()
         if chosen is None:
