@@ -244,10 +244,7 @@ class VARRunner(Method):
         img = ctx.image_keys
         if sinks_at is None or img is None or not bool(img.any()):
             return None
-        sinks = ctx.keys_at(sinks_at)
-        if sinks.dim() != img.dim():
-            sinks = sinks[:, None, :].expand_as(img) if img.dim() == 3 else sinks
-            img = img[:, None, :].expand_as(sinks) if sinks.dim() == 3 else img
+        sinks = ctx.keys_at(sinks_at)  # same shape as img: both follow this call's key positions
         targets = img & ~sinks
         on_select = None
         if ctx.label == "main" and ctx.phase == "prefill":
