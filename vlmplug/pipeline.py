@@ -66,6 +66,31 @@ def prepare_inputs(model: Any, processor: Any, image_or_images: Any, prompt: str
     return out
 
 
+def prepare_batch(model: Any, processor: Any, images_per_sample: Sequence[Sequence[Any]], prompts: Sequence[str]) -> dict:
+    """Processor outputs for a batch of prompts (one list of images each), padded, on the model's device: a batch
+    of one is exactly `prepare_inputs`."""
+    import torch
+
+    if len(images_per_sample) != len(prompts):
+        raise ValueError(f"{len(images_per_sample)} image lists for {len(prompts)} prompts")
+    if len(prompts) == 1:
+        return prepare_inputs(model, processor, list(images_per_sample[0]), prompts[0])
+    loaded = [_load_images(list(ims)) for ims in images_per_sample]
+    texts = [build_prompt(processor, p, len(ims)) for p, ims in zip(prompts, loaded)]
+    flat = [im for ims in loaded for im in ims]
+    kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
+    if flat:
+        kwargs["images"] = flat
+    inputs = processor(**kwargs)
+    device, dtype = getattr(model, "device", None), getattr(model, "dtype", None)
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device=device, dtype=dtype) if v.is_floating_point() and dtype is not None else v.to(device)
+        out[k] = v
+    return out
+
+
 def _run_generate(model: Any, inputs: dict, generate_kwargs: dict):
     import torch
 
@@ -176,4 +201,4 @@ def normalize_answer(text: str) -> str:
     return words[0] if words else ""
 
 
-__all__: Sequence[str] = ["generate", "generate_info", "build_prompt", "prepare_inputs", "normalize_answer"]
+__all__: Sequence[str] = ["generate", "generate_info", "build_prompt", "prepare_inputs", "prepare_batch", "normalize_answer"]

@@ -154,59 +154,117 @@ class AttentionMaps:
         return self._reduce_view(sample, self._pick_view(im, view), layers, heads, how)
 
     # ------------------------------------------------------------------ pixels
+    def _weighted_view(self, sample: int, v: View, weights: torch.Tensor) -> torch.Tensor:
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.shape != (len(self.layers), self.num_heads):
+            raise ValueError(f"weights: shape {tuple(w.shape)}; give one weight per recorded layer and head "
+                             f"({len(self.layers)}, {self.num_heads})")
+        return (self._grid(sample, v) * w[:, :, None, None]).sum((0, 1))
+
     def to_pixels(self, sample: int, image: int, layers: int | Sequence[int] | None = None,
                   heads: int | Sequence[int] | None = None, how: str = "mean",
-                  size: tuple[int, int] | None = None) -> torch.Tensor:
+                  size: tuple[int, int] | None = None, views: Sequence[str] | None = None,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [height, width]: the image's attention as a density over its pixels, all views merged.
 
-        Rule: every view of the image that has boxes is reduced as `reduce(..., layers, heads, how)`; each
-        token's value is spread uniformly over its box (value / box area: an attention density) and the
-        densities of all views are summed. A pixel receives each box's density times the part of the
-        pixel that box covers, so a pixel half covered by a box gets half of that box's density. Boxes are first clipped
-        to the frame, and the area divided by is the clipped one, so the map's total equals the sum of the
-        values of every token whose box overlaps the frame (a box wholly outside it, or of zero area,
-        contributes nothing).
-
-        Frame: if every view with boxes is in the "original" frame and the image's original size is
-        known, the map is in original pixels (width, height = `size` of the image layout); otherwise it
-        is in the processed frame (`processed_size`, each side rounded up to an int). A view in the
-        original frame cannot be placed in the processed one: that mix, like an unknown frame size, is a
-        ValueError, as is an image none of whose views has boxes.
-
-        size: optional (width, height) of the output; the same density is integrated over a
-            width x height grid laid over the frame (each output pixel covers frame_w / width by
-            frame_h / height frame pixels), so the total is unchanged.
+        Rule: every view of the image that has boxes (or the views named in `views`) is reduced as
+        `reduce(..., layers, heads, how)`, or, with `weights` (float [len(self.layers), num_heads]), as the
+        weighted sum of its (layer, head) grids (e.g. TAG's top-k pairs); `pixel_density` places the values.
+        See `pixel_density` for the frame and the size.
         """
         im = self._image_layout(sample, image)
-        views = [v for v in im.views if v.boxes is not None]
-        if not views:
-            raise ValueError(f"sample {sample}, image {image}: no view has boxes ({[v.name for v in im.views]}); "
-                             "its tokens cannot be placed on pixels")
-        frames = {v.frame for v in views}
-        if frames == {"original"} and im.size is not None:
-            fw, fh = float(im.size[0]), float(im.size[1])
-        else:
-            if "original" in frames:
-                why = "its original size is unknown" if im.size is None else "other views are in the processed frame"
-                raise ValueError(f"sample {sample}, image {image}: views {sorted(v.name for v in views if v.frame == 'original')} "
-                                 f"have boxes in the original frame but {why}")
-            if im.processed_size is None:
-                raise ValueError(f"sample {sample}, image {image}: processed_size is unknown, so its processed "
-                                 "frame has no size")
-            fw, fh = float(im.processed_size[0]), float(im.processed_size[1])
-        if size is None:
-            width, height = math.ceil(fw), math.ceil(fh)
-            sx = sy = 1.0
-        else:
-            width, height = int(size[0]), int(size[1])
-            if width < 1 or height < 1 or (width, height) != tuple(size):
-                raise ValueError(f"size: {size!r}; give (width, height) as positive ints")
-            sx, sy = width / fw, height / fh
-        out = torch.zeros(height, width, dtype=torch.float64)
-        for v in views:
-            values = self._reduce_view(sample, v, layers, heads, how).double().cpu()
-            out += _rasterise(v, values, fw, fh, sx, sy, width, height)
-        return out.float()
+        if weights is not None:
+            if (layers, heads, how) != (None, None, "mean"):
+                raise ValueError("weights replaces layers / heads / how; give one or the other")
+            return pixel_density(im, lambda v: self._weighted_view(sample, v, weights), views=views, size=size,
+                                 where=f"sample {sample}, image {image}")
+        return pixel_density(im, lambda v: self._reduce_view(sample, v, layers, heads, how), views=views, size=size,
+                             where=f"sample {sample}, image {image}")
+
+
+def boxed_views(im: ImageLayout, names: Sequence[str] | None = None) -> list[View]:
+    """The image's views that have boxes, or the named ones (each must exist and have boxes)."""
+    if names is None:
+        return [v for v in im.views if v.boxes is not None]
+    out = []
+    for n in names:
+        v = im.view(n)
+        if v.boxes is None:
+            raise ValueError(f"view {n!r} has no boxes: its tokens cannot be placed on pixels")
+        out.append(v)
+    return out
+
+
+def covering_views(im: ImageLayout) -> list[str]:
+    """Names of the boxed views that together hold every placed token once: a view whose tokens all belong to
+    views already taken is skipped (Idefics3's 'tiles' canvas repeats its tile views)."""
+    seen: set[int] = set()
+    out = []
+    for v in boxed_views(im):
+        pos = set(v.positions.tolist())
+        if pos <= seen:
+            continue
+        seen |= pos
+        out.append(v.name)
+    return out
+
+
+def pixel_frame(im: ImageLayout, views: Sequence[View], where: str = "image") -> tuple[float, float]:
+    """(width, height) of the frame the views' boxes are in: the original image when every view is in the original
+    frame and its size is known, else the processed frame."""
+    frames = {v.frame for v in views}
+    if frames == {"original"} and im.size is not None:
+        return float(im.size[0]), float(im.size[1])
+    if "original" in frames:
+        why = "its original size is unknown" if im.size is None else "other views are in the processed frame"
+        raise ValueError(f"{where}: views {sorted(v.name for v in views if v.frame == 'original')} "
+                         f"have boxes in the original frame but {why}")
+    if im.processed_size is None:
+        raise ValueError(f"{where}: processed_size is unknown, so its processed frame has no size")
+    return float(im.processed_size[0]), float(im.processed_size[1])
+
+
+def pixel_density(im: ImageLayout, values, views: Sequence[str] | None = None, size: tuple[int, int] | None = None,
+                  where: str = "image") -> torch.Tensor:
+    """float32 [height, width]: token values placed on the image's pixels as a density, all chosen views summed.
+
+    values: float [seq_len] indexed by sequence position, or a callable view -> float [rows, cols].
+    views: names of the views to place (default: every view with boxes).
+
+    Each token's value is spread uniformly over its box (value / box area) and the densities of all views are
+    summed. A pixel receives each box's density times the part of the pixel that box covers. Boxes are first
+    clipped to the frame, and the area divided by is the clipped one, so the map's total equals the sum of the
+    values of every token whose box overlaps the frame (a box wholly outside it, or of zero area, contributes
+    nothing).
+
+    Frame: if every placed view is in the "original" frame and the image's original size is known, the map is
+    in original pixels (width, height = `size` of the image layout); otherwise it is in the processed frame
+    (`processed_size`, each side rounded up to an int). A view in the original frame cannot be placed in the
+    processed one: that mix, like an unknown frame size, is a ValueError, as is an image none of whose views has
+    boxes.
+
+    size: optional (width, height) of the output; the same density is integrated over a width x height grid laid
+        over the frame (each output pixel covers frame_w / width by frame_h / height frame pixels), so the total
+        is unchanged.
+    """
+    chosen = boxed_views(im, views)
+    if not chosen:
+        raise ValueError(f"{where}: no view has boxes ({[v.name for v in im.views]}); "
+                         "its tokens cannot be placed on pixels")
+    fw, fh = pixel_frame(im, chosen, where)
+    if size is None:
+        width, height = math.ceil(fw), math.ceil(fh)
+        sx = sy = 1.0
+    else:
+        width, height = int(size[0]), int(size[1])
+        if width < 1 or height < 1 or (width, height) != tuple(size):
+            raise ValueError(f"size: {size!r}; give (width, height) as positive ints")
+        sx, sy = width / fw, height / fh
+    out = torch.zeros(height, width, dtype=torch.float64)
+    for v in chosen:
+        vals = values(v) if callable(values) else values[v.positions.to(values.device)]
+        out += _rasterise(v, vals.double().cpu(), fw, fh, sx, sy, width, height)
+    return out.float()
 
 
 def _rasterise(v: View, values: torch.Tensor, fw: float, fh: float, sx: float, sy: float,

@@ -46,6 +46,21 @@ class Record(MethodConfig):
         return RecordRunner(self)
 
 
+def logical_rows(probs: torch.Tensor, k_pos: torch.Tensor, L: int) -> torch.Tensor:
+    """Probe rows [B, H, S] over this call's keys -> float32 [B, H, L] on the CPU, indexed by logical position
+    (keys removed by pruning read 0)."""
+    H = probs.shape[1]
+    kp = k_pos.cpu()
+    width = max(L, int(kp.max()) + 1) if kp.numel() else L  # a static cache has unused slots past L
+    dense = torch.zeros(probs.shape[0], H, width, dtype=torch.float32)
+    pr = probs.float().cpu()
+    if kp.dim() == 2:
+        dense.scatter_(2, kp[:, None, :].expand(-1, H, -1), pr)
+    else:  # per-KV-head key positions (pruned cache): each query head uses its group's rows
+        dense.scatter_(2, kp.repeat_interleave(H // kp.shape[1], dim=1), pr)
+    return dense[..., :L]
+
+
 class _PassMaps:
     """record's state in one pass: rows of the running forward, maps of the latest forward that selected queries."""
 
@@ -107,17 +122,7 @@ class RecordRunner(Method):
         p.planned.add(li)
 
         def store(probs, counts):
-            H = probs.shape[1]
-            kp = k_pos.cpu()
-            width = max(L, int(kp.max()) + 1) if kp.numel() else L  # a static cache has unused slots past L
-            dense = torch.zeros(probs.shape[0], H, width, dtype=torch.float32)
-            pr = probs.cpu()
-            if kp.dim() == 2:
-                dense.scatter_(2, kp[:, None, :].expand(-1, H, -1), pr)
-            else:  # per-KV-head key positions (pruned cache): each query head uses its group's rows
-                G = H // kp.shape[1]
-                dense.scatter_(2, kp.repeat_interleave(G, dim=1), pr)
-            p.pending[li] = (dense[..., :L], counts.cpu())
+            p.pending[li] = (logical_rows(probs, k_pos, L), counts.cpu())
 
         return LayerPlan(probes=[Probe(sel, store)])
 

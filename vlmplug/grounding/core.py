@@ -1,0 +1,296 @@
+"""`ground()`: where a VLM looks for a query, from its own attention, on any supported family, at SDPA cost.
+
+Data flow: prompt -> processor -> one forward under the grounding probe (the query tokens' softmax rows in the chosen
+layers, O(rows x S); rollout also keeps each layer's q / k) -> per image, a value per token (the method's
+aggregation) -> `pixel_density` places every view's tokens on the original image through the adapter's boxes
+(anyres base + high-res, tiles + thumbnail or global image, LLaVA's centre crop undone) -> `Grounding`.
+
+Methods:
+  tag       TAG (Xu et al., AAAI 2025): per query token, the top_k (layer, head) pairs by attention mass on the image;
+            the token's map is the mean of those pairs' rows; maps are averaged over the query tokens; max-normalised.
+  raw       the mean over chosen layers and heads (and query tokens) of the attention rows.
+  relative  ViCrop's rel-att (Zhang et al., ICLR 2025): the last prompt position's head-mean attention in one middle
+            layer (LLaVA-1.5-7B: 14 of 32; scaled to the model's depth) divided by the same for a generic prompt
+            ("Write a general description of the image."), as a ratio of pixel densities.
+  rollout   attention rollout (Abnar & Zuidema 2020): the query tokens' row of (0.5 A_L + 0.5 I) ... (0.5 A_1 + 0.5 I),
+            A the head-mean attention, computed backwards from the last layer as a row vector times each layer's
+            attention, rows recomputed in chunks from the kept q / k: one O(L) accumulator, never L x L.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..backend.kernels import PROBE_CHUNK, _row_scores
+from ..errors import MethodConfigError
+from ..results import covering_views, pixel_density
+from .probe import TokenProbe
+from .result import Grounding
+from .tokens import phrase_tokens
+
+METHODS = ("tag", "relative", "rollout", "raw")
+TOKEN_MODES = ("query", "last")
+GENERIC_PROMPT = "Write a general description of the image."
+#: ViCrop's layer for LLaVA-1.5-7B (mllms_know, ATT_LAYER = 14 of 32), scaled to other depths
+RELATIVE_DEPTH = 14 / 32
+TAG_TOP_K = 10  # TAG's --topk_layer_head
+TAG_THRESHOLD = 0.5  # TAG's filter_thresold
+
+
+def default_layers(method: str, num_layers: int) -> list[int]:
+    if method == "relative":
+        return [min(num_layers - 1, round(RELATIVE_DEPTH * num_layers))]
+    return list(range(num_layers))
+
+
+def check_args(method: str, tokens: str, top_k: int, threshold: float) -> None:
+    if method not in METHODS:
+        raise MethodConfigError(f"ground: method={method!r}; choose one of {list(METHODS)}")
+    if tokens not in TOKEN_MODES:
+        raise MethodConfigError(f"ground: tokens={tokens!r}; choose one of {list(TOKEN_MODES)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise MethodConfigError(f"ground: top_k={top_k!r} must be a positive int")
+    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        raise MethodConfigError(f"ground: threshold={threshold!r} must be in (0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------- forwards
+def probe_forward(model, inputs: dict, image_sizes, *, layers, targets=None, capture_qk=False, processor=None):
+    """One forward of `inputs` under a grounding probe: (probe, layout)."""
+    from ..api import apply
+
+    probe = TokenProbe(layers=layers, targets=targets, capture_qk=capture_qk)
+    with apply(model, [probe], processor=processor) as h:
+        if image_sizes is not None:
+            h.set_image_sizes(image_sizes)
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+        layout = h.layout
+    return probe, layout
+
+
+def rollout_rows(probe: TokenProbe, layers: Sequence[int], start: torch.Tensor) -> torch.Tensor:
+    """start: float [B, L] (the query tokens' weights, each row summing to 1) -> float [B, L]: start times
+    (0.5 A_l + 0.5 I) for l from the last chosen layer down to the first, A_l the head-mean softmax attention of
+    layer l, its rows recomputed PROBE_CHUNK at a time from q / k (only rows with weight take part)."""
+    v = start.double()
+    for li in sorted(layers, reverse=True):
+        c = probe.qk[li]
+        dev = c.query.device
+        B, Hq, Lq, _ = c.query.shape
+        u = torch.zeros(B, c.key.shape[2], dtype=torch.float64)
+        live = torch.nonzero((v != 0).any(0)).flatten()
+        for s in range(0, live.numel(), PROBE_CHUNK):
+            rows = live[s : s + PROBE_CHUNK].to(dev)[None, :].expand(B, -1)
+            scores = _row_scores(c.query, c.key, rows, c.scale, None, None, c.mask, c.causal, Lq)
+            a = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(1)  # [B, n, S] head mean
+            w = torch.gather(v, 1, rows.cpu())  # [B, n]
+            u += (w[:, :, None] * a.double().cpu()).sum(1)
+        v = 0.5 * u[:, : v.shape[1]] + 0.5 * v
+    return v.float()
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+def _stack(step, layers: Sequence[int], b: int) -> torch.Tensor:
+    """float [T, n_layers, H, L]: sample b's rows of every chosen query token in the chosen layers."""
+    return torch.stack([step.rows[li][b] for li in layers], 1)
+
+
+def tag_values(step, layers: Sequence[int], b: int, positions: torch.Tensor, top_k: int) -> tuple[torch.Tensor, list]:
+    """TAG's per-token aggregation for one image (positions: its tokens): value per sequence position [L] and the
+    (layer, head) pairs kept per token."""
+    R = _stack(step, layers, b)  # [T, nL, H, L]
+    T, nL, H, L = R.shape
+    have = step.counts[b] > 0
+    k = min(top_k, nL * H)
+    vals, pairs = [], []
+    for t in range(T):
+        if not bool(have[t]):
+            continue
+        mass = R[t][:, :, positions].sum(-1).flatten()  # [nL * H]
+        top = torch.topk(mass, k).indices
+        vals.append(R[t].reshape(nL * H, L)[top].mean(0))
+        pairs.append([(int(layers[i // H]), int(i % H)) for i in top.tolist()])
+    if not vals:
+        raise ValueError(f"sample {b}: none of the chosen query tokens was probed")
+    return torch.stack(vals).mean(0), pairs
+
+
+def raw_values(step, layers: Sequence[int], b: int, heads: Sequence[int] | None) -> torch.Tensor:
+    R = _stack(step, layers, b)  # [T, nL, H, L]
+    if heads is not None:
+        R = R[:, :, list(heads)]
+    have = step.counts[b] > 0
+    if not bool(have.any()):
+        raise ValueError(f"sample {b}: none of the chosen query tokens was probed")
+    return R[have].mean((0, 1, 2))
+
+
+def seen_pixels(im, views) -> np.ndarray:
+    """bool [H, W]: pixels some placed token's box covers."""
+    ones = torch.ones(int(im.positions.max()) + 1)
+    return (pixel_density(im, ones, views=views) > 0).numpy()
+
+
+def _normalise(heat: torch.Tensor) -> np.ndarray:
+    heat = heat.clamp(min=0)
+    top = float(heat.max())
+    return (heat / top if top > 0 else heat).numpy().astype(np.float32)
+
+
+def ground_inputs(model, inputs: dict, *, method: str = "tag", targets: list[list[int]] | None = None,
+                  layers: Sequence[int] | None = None, heads: Sequence[int] | None = None, top_k: int = TAG_TOP_K,
+                  image_sizes=None, generic_inputs: dict | None = None, processor=None) -> list[list[dict]]:
+    """The grounding maps of every image of every sample of one batch of model inputs (the engine under `ground()`).
+
+    targets: per sample, the sequence positions of the query tokens (None: each sample's last real token).
+    generic_inputs: for "relative", the same images with the generic prompt.
+    image_sizes: per sample, per image, the original (width, height) (maps in those pixels), or None.
+    Returns per sample, per image, dict(heat=float tensor [H, W] (not normalised), info=dict).
+    """
+    from ..adapters.base import get_adapter
+
+    n_layers = get_adapter(model, processor).num_layers
+    chosen = default_layers(method, n_layers) if layers is None else sorted({li % n_layers for li in layers})
+    if method == "relative":
+        if generic_inputs is None:
+            raise MethodConfigError("ground: method='relative' needs the generic prompt's inputs")
+        targets = None  # ViCrop reads the last prompt position
+    probe, layout = probe_forward(model, inputs, image_sizes, layers=chosen, targets=targets,
+                                  capture_qk=method == "rollout", processor=processor)
+    step = probe.steps[-1]
+    gstep = None
+    if method == "relative":
+        gprobe, _ = probe_forward(model, generic_inputs, image_sizes, layers=chosen, processor=processor)
+        gstep = gprobe.steps[-1]
+    rolled = None
+    if method == "rollout":
+        B, L = len(layout), next(iter(step.rows.values())).shape[-1]
+        start = torch.zeros(B, L)
+        for b, s in enumerate(layout.samples):
+            pos = [s.last_real] if targets is None else list(targets[b])
+            start[b, pos] = 1.0 / len(pos)
+        rolled = rollout_rows(probe, chosen, start)
+        probe.qk.clear()
+    out = []
+    for b, s in enumerate(layout.samples):
+        per = []
+        for i, im in enumerate(s.images):
+            views = covering_views(im)
+            where = f"sample {b}, image {i}"
+            info: dict[str, Any] = {"layers": chosen, "views": views}
+            if method == "tag":
+                vals, pairs = tag_values(step, chosen, b, im.positions, top_k)
+                info["pairs"] = pairs
+                heat = pixel_density(im, vals, views=views, where=where)
+            elif method == "raw":
+                heat = pixel_density(im, raw_values(step, chosen, b, heads), views=views, where=where)
+                info["heads"] = None if heads is None else list(heads)
+            elif method == "rollout":
+                heat = pixel_density(im, rolled[b], views=views, where=where)
+            else:
+                hq = pixel_density(im, raw_values(step, chosen, b, heads), views=views, where=where)
+                hg = pixel_density(im, raw_values(gstep, chosen, b, heads), views=views, where=where)
+                heat = torch.where(hg > 0, hq / hg.clamp(min=1e-30), torch.zeros_like(hq))
+            info["seen"] = seen_pixels(im, views)
+            per.append({"heat": heat, "info": info})
+        out.append(per)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- user API
+def _image_token_ids(model, processor) -> set[int]:
+    ids = set()
+    cfg = model.config
+    for name in ("image_token_id", "image_token_index"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int):
+            ids.add(v)
+    v = getattr(processor, "image_token_id", None)
+    if isinstance(v, int):
+        ids.add(v)
+    return ids
+
+
+def locate_query(model, processor, inputs: dict, phrases: Sequence[str]) -> tuple[list[list[int]], list[list[str]]]:
+    """Per sample, the positions of the query tokens (content words of the phrase, in the text after the last image
+    token) and their decoded text."""
+    tok = getattr(processor, "tokenizer", processor)
+    ids = inputs["input_ids"]
+    am = inputs.get("attention_mask")
+    img = _image_token_ids(model, processor)
+    targets, texts = [], []
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        real = torch.nonzero(am[b]).flatten() if am is not None else torch.arange(len(row))
+        first, last = int(real.min()), int(real.max())
+        after = max([p for p, t in enumerate(row) if t in img], default=first - 1) + 1
+        pos = phrase_tokens(tok, row, after, last, phrases[b])
+        if not pos:
+            raise MethodConfigError(f"ground: the phrase {phrases[b]!r} is not in prompt {b}'s text after the image; "
+                                    "give target= a phrase of the query (or tokens='last')")
+        targets.append(pos)
+        texts.append([tok.decode([row[p]]) for p in pos])
+    return targets, texts
+
+
+def ground(model, processor, image, query, method: str = "tag", *, target: str | Sequence[str] | None = None,
+           tokens: str = "query", layers: Sequence[int] | int | None = None, heads: Sequence[int] | None = None,
+           top_k: int = TAG_TOP_K, threshold: float = TAG_THRESHOLD, prompt: str = "{query}",
+           generic_prompt: str = GENERIC_PROMPT) -> Grounding | list[Grounding]:
+    """Where the model looks for `query` in `image`: a `Grounding` (heatmap over the original pixels, point, box,
+    point prompts, overlay). A list of images with a list of queries gives a list of groundings (one batch).
+
+    method: "tag" (default), "relative", "rollout" or "raw" (see vlmplug/grounding/core.py).
+    prompt: the text asked, "{query}" replaced by the query (default: the query itself).
+    tokens: "query" (the tokens of `target`, default the query, without stop words: TAG's prompt side) or "last"
+        (the prompt's last token, whose output is the answer's first token). "relative" always reads the last token.
+    target: the phrase of the query whose tokens are read (one per query in a batch).
+    layers: decoder layers (default: all; "relative": ViCrop's layer 14 of 32 scaled to the model's depth);
+    heads: heads for "raw" / "relative" (default all); top_k: TAG's (layer, head) pairs per token;
+    threshold: fraction of the maximum for `Grounding.box` / `.points` (TAG: 0.5).
+    """
+    from ..pipeline import _load_images, build_prompt, prepare_batch
+
+    check_args(method, tokens, top_k, threshold)
+    batched = isinstance(query, (list, tuple))
+    queries = list(query) if batched else [query]
+    images = _load_images(image) if batched else _load_images([image])
+    if len(images) != len(queries):
+        raise MethodConfigError(f"ground: {len(images)} images for {len(queries)} queries; give one image per query")
+    if not all(isinstance(q, str) and q.strip() for q in queries):
+        raise MethodConfigError("ground: every query must be a non-empty string")
+    if target is None:
+        phrases = queries
+    else:
+        phrases = list(target) if isinstance(target, (list, tuple)) else [target] * len(queries)
+        if len(phrases) != len(queries):
+            raise MethodConfigError(f"ground: {len(phrases)} targets for {len(queries)} queries")
+    if isinstance(layers, int):
+        layers = [layers]
+    texts = [prompt.format(query=q) for q in queries]
+    inputs = prepare_batch(model, processor, [[im] for im in images], texts)
+    sizes = [[im.size] for im in images]
+    targets, token_text = None, [[] for _ in queries]
+    if method != "relative" and tokens == "query":
+        targets, token_text = locate_query(model, processor, inputs, phrases)
+    generic = None
+    if method == "relative":
+        generic = prepare_batch(model, processor, [[im] for im in images], [generic_prompt] * len(queries))
+    maps = ground_inputs(model, inputs, method=method, targets=targets, layers=layers, heads=heads, top_k=top_k,
+                         image_sizes=sizes, generic_inputs=generic, processor=processor)
+    out = []
+    for b, q in enumerate(queries):
+        m = maps[b][0]
+        if tuple(m["heat"].shape[::-1]) != images[b].size:
+            raise RuntimeError(f"the map is {tuple(m['heat'].shape[::-1])}, the image {images[b].size}: the adapter "
+                               "could not place the tokens in the original image")
+        if targets is None:
+            tok = getattr(processor, "tokenizer", processor)
+            last = int(torch.nonzero(inputs["attention_mask"][b]).max()) if "attention_mask" in inputs else -1
+            token_text[b] = [tok.decode([int(inputs["input_ids"][b, last])])]
+        out.append(Grounding(heatmap=_normalise(m["heat"]), query=q, method=method, image=images[b],
+                             tokens=token_text[b], info=m["info"], threshold=float(threshold)))
+    return out if batched else out[0]
