@@ -46,6 +46,8 @@ __all__ = [
     "VlmplugError",
     "load",
     "generate",
+    "ground",
+    "Grounding",
     "MethodConfig",
     "Method",
     "AttentionMaps",
@@ -63,6 +65,8 @@ _LAZY = {
     "cfg_mix": "vlmplug.guidance",
     "load": "vlmplug.loading",
     "generate": "vlmplug.pipeline",
+    "ground": "vlmplug.grounding",
+    "Grounding": "vlmplug.grounding",
 }
 
 

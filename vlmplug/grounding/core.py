@@ -237,7 +237,7 @@ def locate_query(model, processor, inputs: dict, phrases: Sequence[str]) -> tupl
 
 
 def ground(model, processor, image, query, method: str = "tag", *, target: str | Sequence[str] | None = None,
-           tokens: str = "query", layers: Sequence[int] | int | None = None, heads: Sequence[int] | None = None,
+           tokens: str | None = None, layers: Sequence[int] | int | None = None, heads: Sequence[int] | None = None,
            top_k: int = TAG_TOP_K, threshold: float = TAG_THRESHOLD, prompt: str = "{query}",
            generic_prompt: str = GENERIC_PROMPT) -> Grounding | list[Grounding]:
     """Where the model looks for `query` in `image`: a `Grounding` (heatmap over the original pixels, point, box,
@@ -246,7 +246,8 @@ def ground(model, processor, image, query, method: str = "tag", *, target: str |
     method: "tag" (default), "relative", "rollout" or "raw" (see vlmplug/grounding/core.py).
     prompt: the text asked, "{query}" replaced by the query (default: the query itself).
     tokens: "query" (the tokens of `target`, default the query, without stop words: TAG's prompt side) or "last"
-        (the prompt's last token, whose output is the answer's first token). "relative" always reads the last token.
+        (the prompt's last token, whose output is the answer's first token: ViCrop's query row). Default: "query"
+        for "tag", "last" for the others; "relative" always reads the last token.
     target: the phrase of the query whose tokens are read (one per query in a batch).
     layers: decoder layers (default: all; "relative": ViCrop's layer 14 of 32 scaled to the model's depth);
     heads: heads for "raw" / "relative" (default all); top_k: TAG's (layer, head) pairs per token;
@@ -254,6 +255,8 @@ def ground(model, processor, image, query, method: str = "tag", *, target: str |
     """
     from ..pipeline import _load_images, build_prompt, prepare_batch
 
+    if tokens is None:
+        tokens = "query" if method == "tag" else "last"
     check_args(method, tokens, top_k, threshold)
     batched = isinstance(query, (list, tuple))
     queries = list(query) if batched else [query]
