@@ -83,7 +83,7 @@ def worker(mode: str, args) -> dict:
     if mode == "eager":
         att = out.attentions
         res["attn_bytes"] = sum(a.numel() * a.element_size() for a in att)
-        res["attn_shape"] = list(att[0].shape)
+        res["attn_shape"], res["attn_layers"] = list(att[0].shape), len(att)
     elif mode != "sdpa":
         g = out[0]
         res.update(point=list(g.point), box=list(g.box) if g.box else None, map_shape=list(g.heatmap.shape))
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             summary[mode] = {"time_x_sdpa": t_ratio, "peak_x_sdpa": m_ratio, "eager_peak_over_peak": e_ratio}
         print(line)
     if eager:
-        print(f"\neager returned {len(range(args.text_layers))} x {eager['attn_shape']} attentions: "
+        print(f"\neager returned {eager['attn_layers']} x {eager['attn_shape']} attentions: "
               f"{eager['attn_bytes'] / 2**20:.1f} MiB of its {eager['peak_bytes'] / 2**20:.1f} MiB peak")
     for mode in GROUNDING:
         if mode in summary:

@@ -48,6 +48,8 @@ __all__ = [
     "generate",
     "ground",
     "Grounding",
+    "ViCrop",
+    "CARVE",
     "MethodConfig",
     "Method",
     "AttentionMaps",
@@ -67,6 +69,8 @@ _LAZY = {
     "generate": "vlmplug.pipeline",
     "ground": "vlmplug.grounding",
     "Grounding": "vlmplug.grounding",
+    "ViCrop": "vlmplug.grounding.vicrop",
+    "CARVE": "vlmplug.grounding.carve",
 }
 
 

@@ -33,6 +33,10 @@ def _resolve(methods, params: dict[str, Any]) -> list[Method]:
     for it in items:
         if isinstance(it, str):
             if it not in reg:
+                if it in ("vicrop", "carve"):
+                    raise MethodConfigError(f"{it} runs around generation (map, refine the image, ask again), not inside "
+                                            f"attention: use vlmplug.generate(model, processor, image, question, "
+                                            f"methods={it!r})")
                 raise MethodConfigError(f"unknown method {it!r}; available: {sorted(reg)}")
             out.append(reg[it].from_params(**params).build())
         elif isinstance(it, MethodConfig):

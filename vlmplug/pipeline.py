@@ -127,6 +127,13 @@ def generate_info(
     label="second")``. ``passes`` limits methods to passes, as in ``vlmplug.apply`` (e.g. ``{"fastv": ["second"]}``).
     """
     images = _load_images(image_or_images)
+    methods, refine = _split_pipeline(methods, method_params)
+    refined = None
+    if refine is not None:  # ViCrop / CARVE: map, crop or mask, then answer with [original, refined]
+        refined = refine[1](model, processor, images, prompt, refine[0])
+        images = refined["images"]
+        if methods is None:
+            method_params = None
     inputs = prepare_inputs(model, processor, images, prompt)
     prompt_len = int(inputs["input_ids"].shape[1])
     if second is not None:
@@ -176,7 +183,52 @@ def generate_info(
             break
         n_new += 1
     text = tok.decode(new, skip_special_tokens=True).strip()
+    if refined is not None:
+        results = dict(results or {})
+        results[refine[0].name] = {k: v for k, v in refined.items() if k != "images"}
     return dict(text=text, seconds=seconds, prompt_tokens=prompt_len, new_tokens=n_new, stats=stats, results=results)
+
+
+def pipeline_methods() -> dict:
+    """Methods that run around generation rather than inside attention: name -> (config class, runner)."""
+    from vlmplug.grounding import carve, vicrop
+
+    return {"vicrop": (vicrop.ViCrop, vicrop.run), "carve": (carve.CARVE, carve.run)}
+
+
+def _split_pipeline(methods: Any, params: dict | None):
+    """(the attention methods for apply(), (config, runner) of the one pipeline method or None)."""
+    if methods is None:
+        return None, None
+    pipes = pipeline_methods()
+    by_class = {cls: (name, run) for name, (cls, run) in pipes.items()}
+    items = list(methods) if isinstance(methods, (list, tuple)) else [methods]
+    rest, found = [], []
+    for it in items:
+        if isinstance(it, str) and it in pipes:
+            found.append((it, None))
+        elif type(it) in by_class:
+            found.append((by_class[type(it)][0], it))
+        else:
+            rest.append(it)
+    if not found:
+        return methods, None
+    if len(found) > 1:
+        from vlmplug.errors import MethodConfigError
+
+        raise MethodConfigError(f"one refinement pipeline at a time; got {[n for n, _ in found]}")
+    name, cfg = found[0]
+    if cfg is None:
+        from vlmplug.errors import MethodConfigError
+
+        cls = pipes[name][0]
+        if params and rest:
+            raise MethodConfigError("keyword parameters go with a single method name; pass configured objects to compose")
+        try:
+            cfg = cls(**(params or {}))
+        except TypeError as e:
+            raise MethodConfigError(f"{name}: {e}") from None
+    return (rest or None), (cfg, pipes[name][1])
 
 
 def generate(

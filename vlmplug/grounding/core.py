@@ -180,7 +180,7 @@ def ground_inputs(model, inputs: dict, *, method: str = "tag", targets: list[lis
         for i, im in enumerate(s.images):
             views = covering_views(im)
             where = f"sample {b}, image {i}"
-            info: dict[str, Any] = {"layers": chosen, "views": views}
+            info: dict[str, Any] = {"layers": chosen, "views": views, "grid": (im.main_view.rows, im.main_view.cols)}
             if method == "tag":
                 vals, pairs = tag_values(step, chosen, b, im.positions, top_k)
                 info["pairs"] = pairs
