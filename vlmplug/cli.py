@@ -1,4 +1,4 @@
-"""Command line: `vlmplug run` (the main job), `vlmplug methods`, `vlmplug models`."""
+"""Command line: `vlmplug run` (the main job), `vlmplug ground`, `vlmplug methods`, `vlmplug models`."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +85,37 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_ground(args) -> int:
+    from PIL import Image
+
+    from .errors import VlmplugError
+    from .grounding import METHODS, ground
+    from .loading import load
+
+    if args.method not in METHODS:
+        print(f"unknown grounding method {args.method!r}; choose one of {list(METHODS)}", file=sys.stderr)
+        return 2
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except (OSError, ValueError) as e:
+        print(f"cannot read --image {args.image!r}: {e}", file=sys.stderr)
+        return 2
+    model, processor = load(args.model, dtype=args.dtype)
+    try:
+        g = ground(model, processor, image, args.query, method=args.method, tokens=args.tokens, target=args.target,
+                   threshold=args.threshold)
+    except VlmplugError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    picture = g.overlay() if args.overlay else Image.fromarray((g.heatmap * 255).round().astype("uint8"), "L")
+    picture.save(args.out)
+    x, y = g.point
+    print(f"{g.method} map of {args.query!r} ({image.size[0]}x{image.size[1]}), query tokens {g.tokens}")
+    print(f"point: ({x:.1f}, {y:.1f})  box: {g.box}  prompts: {g.points}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .registry import method_registry
 
@@ -113,6 +144,18 @@ def main(argv=None) -> int:
     r.add_argument("--max-new-tokens", type=int, default=8)
     r.add_argument("--dtype", default=None, help="e.g. bfloat16 for real checkpoints")
     r.set_defaults(fn=cmd_run)
+    g = sub.add_parser("ground", help="where the model looks for a query: heatmap, point and box")
+    g.add_argument("--image", required=True, help="image file")
+    g.add_argument("--query", required=True, help='what to find, e.g. "What color is the circle?"')
+    g.add_argument("--model", default="world", help='"world" (embedded default) or a checkpoint id/path')
+    g.add_argument("--method", default="tag", help="tag (default), relative, rollout or raw")
+    g.add_argument("--tokens", default=None, choices=["query", "last"], help="query tokens (tag's default) or the last")
+    g.add_argument("--target", default=None, help="the phrase of the query whose tokens are read")
+    g.add_argument("--threshold", type=float, default=0.5, help="box threshold, a fraction of the peak")
+    g.add_argument("--overlay", action="store_true", help="save the heatmap over the picture (default: the heatmap)")
+    g.add_argument("--out", default="heatmap.png", help="output PNG")
+    g.add_argument("--dtype", default=None, help="e.g. bfloat16 for real checkpoints")
+    g.set_defaults(fn=cmd_ground)
     sub.add_parser("methods", help="list methods").set_defaults(fn=cmd_methods)
     sub.add_parser("models", help="list supported model types").set_defaults(fn=cmd_models)
     args = p.parse_args(argv)
