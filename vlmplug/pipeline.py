@@ -77,10 +77,9 @@ def prepare_batch(model: Any, processor: Any, images_per_sample: Sequence[Sequen
         return prepare_inputs(model, processor, list(images_per_sample[0]), prompts[0])
     loaded = [_load_images(list(ims)) for ims in images_per_sample]
     texts = [build_prompt(processor, p, len(ims)) for p, ims in zip(prompts, loaded)]
-    flat = [im for ims in loaded for im in ims]
     kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
-    if flat:
-        kwargs["images"] = flat
+    if any(loaded):  # one list per sample: processors that batch flat lists flatten it, Idefics3's needs it nested
+        kwargs["images"] = loaded
     inputs = processor(**kwargs)
     device, dtype = getattr(model, "device", None), getattr(model, "dtype", None)
     out = {}

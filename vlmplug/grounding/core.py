@@ -65,8 +65,8 @@ def probe_forward(model, inputs: dict, image_sizes, *, layers, targets=None, cap
     with apply(model, [probe], processor=processor) as h:
         if image_sizes is not None:
             h.set_image_sizes(image_sizes)
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
+        with torch.no_grad():  # the maps need no logits but the last position's (full-vocab logits are large)
+            model(**inputs, use_cache=False, logits_to_keep=1)
         layout = h.layout
     return probe, layout
 
