@@ -78,9 +78,21 @@ def test_phrase_tokens_spell_the_phrase(world):
 
 # ------------------------------------------------------------------------------------------ ground()
 def test_ground_maps_the_original_pixels_and_equals_ground_inputs(world):
+    from vlmplug.grounding import ground_inputs
+    from vlmplug.pipeline import prepare_inputs
+
     model, proc = world
     sc = _scene()
     g = vlmplug.ground(model, proc, sc.image, "What color is the circle?")
+    # the engine on the same prompt, the query tokens given by hand: "color" and "circle" of
+    # "USER: <image>\nwhat color is the circle? ASSISTANT:"
+    inputs = prepare_inputs(model, proc, [sc.image], "What color is the circle?")
+    ids = inputs["input_ids"][0].tolist()
+    tok = proc.tokenizer
+    hand = [i for i, t in enumerate(ids) if tok.decode([t]).strip() in ("color", "circle")]
+    heat = ground_inputs(model, inputs, method="tag", targets=[hand], image_sizes=[[sc.image.size]],
+                        processor=proc)[0][0]["heat"]
+    assert np.allclose(g.heatmap, (heat / heat.max()).numpy(), atol=1e-6)
     assert g.heatmap.shape == (64, 96) and g.heatmap.dtype == np.float32
     assert float(g.heatmap.max()) == pytest.approx(1.0) and float(g.heatmap.min()) >= 0
     assert g.method == "tag" and [t.strip() for t in g.tokens] == ["color", "circle"]
@@ -93,9 +105,12 @@ def test_ground_maps_the_original_pixels_and_equals_ground_inputs(world):
 
 @pytest.mark.parametrize("method", ["tag", "raw", "relative", "rollout"])
 def test_batched_ground_equals_one_at_a_time(world, method):
+    """Prompts of different lengths (left padding in the batch; the generic prompt of 'relative' pads otherwise)."""
     model, proc = world
     scenes = [_scene((96, 64)), _scene((64, 64))]
-    queries = ["What color is the circle?", "Is there a blue square?"]
+    queries = ["What color is the circle?", "Is there a blue square on the left or a red circle?"]
+    lens = [len(proc.tokenizer(q)["input_ids"]) for q in queries]
+    assert lens[0] != lens[1]
     together = ground(model, proc, [s.image for s in scenes], queries, method=method)
     for s, q, t in zip(scenes, queries, together):
         alone = ground(model, proc, s.image, q, method=method)
@@ -126,10 +141,41 @@ def test_bad_calls_say_what_to_do(world):
         ground(model, proc, img, "circle", method="gradcam")
     with pytest.raises(MethodConfigError, match="target="):
         ground(model, proc, img, "What color is the circle?", target="hexagon")
-    with pytest.raises(MethodConfigError, match="one image per query"):
+    with pytest.raises(MethodConfigError, match="per query"):
         ground(model, proc, [img], ["a", "b"])
     with pytest.raises(MethodConfigError, match="non-empty"):
         ground(model, proc, img, "  ")
     with pytest.raises(MethodConfigError, match="threshold"):
         ground(model, proc, img, "circle", threshold=0)
+    for kw, word in [(dict(layers=[100]), "out of range"), (dict(layers=[]), "empty"),
+                     (dict(method="raw", heads=[99]), "out of range"), (dict(method="raw", heads=[]), "empty"),
+                     (dict(heads=[0]), "raw"), (dict(method="relative", tokens="query"), "last token"),
+                     (dict(tokens="last", target="circle"), "tokens='query'"), (dict(prompt="Say {x}"), "must contain")]:
+        with pytest.raises(MethodConfigError, match=word):
+            ground(model, proc, img, "What color is the circle?", **kw)
     assert "_vlmplug_handle" not in model.__dict__
+
+
+def test_several_images_in_one_prompt_give_one_map_each(world):
+    """One query over two images: the tokens of each land on its own picture (equal to the engine's maps)."""
+    from vlmplug.grounding import ground_inputs
+    from vlmplug.pipeline import prepare_inputs
+
+    model, proc = world
+    a, b = _scene((96, 64)), _scene((64, 64))
+    gs = ground(model, proc, [a.image, b.image], "What color is the circle?", tokens="last", method="raw")
+    assert [g.heatmap.shape for g in gs] == [(64, 96), (64, 64)]
+    inputs = prepare_inputs(model, proc, [a.image, b.image], "What color is the circle?")
+    maps = ground_inputs(model, inputs, method="raw", image_sizes=[[a.image.size, b.image.size]], processor=proc)[0]
+    for g, m in zip(gs, maps):
+        assert np.allclose(g.heatmap, (m["heat"] / m["heat"].max()).numpy(), atol=1e-6)
+    both = ground(model, proc, [[a.image, b.image], b.image], ["What color is the circle?", "Is there a circle?"],
+                  tokens="last", method="raw")
+    assert isinstance(both[0], list) and len(both[0]) == 2 and isinstance(both[1], Grounding)
+    assert np.allclose(both[0][0].heatmap, gs[0].heatmap, atol=1e-4)
+
+
+def test_prompt_template_with_braces(world):
+    model, proc = world
+    g = ground(model, proc, _scene().image, "circle", prompt='Reply as {"x": 1}. What color is the {query}?')
+    assert [t.strip() for t in g.tokens] == ["circle"]

@@ -25,27 +25,44 @@ def world():
 
 # ------------------------------------------------------------------------------------------ ViCrop's box
 def _ref_box(att_map, image_size, bbox_size, ratios=vicrop.RATIOS):
-    """mllms_know bbox_from_att_image_adaptive, restated with explicit loops (cells of the map; windows of
-    floor(bbox * r / block) cells per axis; sharpness against the existing 4-neighbours; clamp inside the image)."""
+    """mllms_know bbox_from_att_image_adaptive, restated with its loops and integer arithmetic: windows of
+    int(bbox * r / block) cells per axis, scanned x-major (the first maximum wins), sharpness against the existing
+    4-neighbours, centre int(...), halves bbox * r // 2, clamped low then high."""
     R, C = att_map.shape
     W, H = image_size
     bw, bh = W / C, H / R
-    cands = []
+    diffs, poses, nums = [], [], []
     for r in ratios:
         nx, ny = min(int(bbox_size * r / bw), C), min(int(bbox_size * r / bh), R)
         if C - nx < 1 and R - ny < 1:
-            if r == ratios[0]:
+            if r == 1:
                 return (0, 0, W, H)
             continue
-        sl = np.array([[att_map[y:y + ny, x:x + nx].sum() for x in range(C - nx + 1)] for y in range(R - ny + 1)])
-        y, x = np.unravel_index(int(np.argmax(sl)), sl.shape)
-        adj = [sl[a, b] for a, b in ((y, x - 1), (y, x + 1), (y - 1, x), (y + 1, x))
-               if 0 <= a < sl.shape[0] and 0 <= b < sl.shape[1]]
-        cands.append(((sl[y, x] - np.mean(adj)) / (nx * ny), bbox_size * r, x * bw + bw * nx / 2, y * bh + bh * ny / 2))
-    _, side, cx, cy = max(cands, key=lambda c: c[0])
-    cx, cy = min(max(cx, side / 2), W - side / 2), min(max(cy, side / 2), H - side / 2)
-    return (round(max(0, cx - side / 2)), round(max(0, cy - side / 2)), round(min(W, cx + side / 2)),
-            round(min(H, cy + side / 2)))
+        sl = np.zeros((R - ny + 1, C - nx + 1))
+        best, pos = -np.inf, (0, 0)
+        for x in range(C - nx + 1):
+            for y in range(R - ny + 1):
+                sl[y, x] = att_map[y:y + ny, x:x + nx].sum()
+                if sl[y, x] > best:
+                    best, pos = sl[y, x], (x, y)
+        x, y = pos
+        adj = [sl[y, x - 1]] if x > 0 else []
+        adj += [sl[y, x + 1]] if x < sl.shape[1] - 1 else []
+        adj += [sl[y - 1, x]] if y > 0 else []
+        adj += [sl[y + 1, x]] if y < sl.shape[0] - 1 else []
+        diffs.append((best - np.mean(adj)) / (nx * ny))
+        poses.append(pos)
+        nums.append((nx, ny))
+    k = int(np.argmax(diffs))
+    (x, y), (nx, ny), size = poses[k], nums[k], bbox_size * [r for r in ratios if
+                                                              not (C - min(int(bbox_size * r / bw), C) < 1 and
+                                                                   R - min(int(bbox_size * r / bh), R) < 1)][k]
+    xc, yc = int(x * bw + bw * nx / 2), int(y * bh + bh * ny / 2)
+    xc = size // 2 if xc < size // 2 else xc
+    yc = size // 2 if yc < size // 2 else yc
+    xc = W - size // 2 if xc > W - size // 2 else xc
+    yc = H - size // 2 if yc > H - size // 2 else yc
+    return (max(0, xc - size // 2), max(0, yc - size // 2), min(W, xc + size // 2), min(H, yc + size // 2))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -56,7 +73,16 @@ def test_vicrop_box_equals_the_official_rule(seed):
     cells = rng.random((R, C)) ** 4
     heat = np.kron(cells, np.ones((40, 40))) / 1600.0  # the pixel density of those cells
     bbox = [60, 90, 120][seed % 3]
-    assert vicrop.select_box(heat, (R, C), bbox) == _ref_box(cells, (W, H), bbox)
+    assert vicrop.select_box(heat, (R, C), bbox) == tuple(int(v) for v in _ref_box(cells, (W, H), bbox))
+
+
+def test_vicrop_box_on_an_image_smaller_than_the_token_grid():
+    heat = np.zeros((10, 10))
+    heat[8, 1] = 1.0
+    assert vicrop.cell_map(heat, (24, 24)).sum() == 1.0
+    x0, y0, x1, y1 = vicrop.select_box(heat, (24, 24), 2)
+    assert 0 <= x0 < x1 <= 10 and 0 <= y0 < y1 <= 10
+    assert x0 - 1 <= 1 <= x1 and y0 - 1 <= 8 <= y1  # around the hot pixel (the official centre truncates to ints)
 
 
 def test_vicrop_box_is_the_whole_image_when_the_crop_would_cover_the_map():

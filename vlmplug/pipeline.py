@@ -118,6 +118,7 @@ def generate_info(
     ``image_or_images``: a PIL image, a path, a list of them, or None. ``methods`` (optional) is anything
     ``vlmplug.apply`` accepts (a name, a config, a list); ``method_params`` are keyword parameters for a method given
     by name. Generation is greedy with a small ``max_new_tokens`` unless ``generate_kwargs`` say otherwise.
+    ``seconds`` is the generation's wall time (with ViCrop / CARVE, their map and refinement passes included).
     With methods, ``stats`` holds the handle's statistics after generation (tokens kept, KV bytes, ...) and
     ``results`` each method's typed result (``AttentionMaps`` for record).
 
@@ -128,8 +129,11 @@ def generate_info(
     images = _load_images(image_or_images)
     methods, refine = _split_pipeline(methods, method_params)
     refined = None
+    refine_seconds = 0.0
     if refine is not None:  # ViCrop / CARVE: map, crop or mask, then answer with [original, refined]
+        t0 = time.perf_counter()
         refined = refine[1](model, processor, images, prompt, refine[0])
+        refine_seconds = time.perf_counter() - t0
         images = refined["images"]
         if methods is None:
             method_params = None
@@ -182,9 +186,10 @@ def generate_info(
             break
         n_new += 1
     text = tok.decode(new, skip_special_tokens=True).strip()
-    if refined is not None:
+    if refined is not None:  # the refinement's passes count in the answer's time (and on their own)
         results = dict(results or {})
-        results[refine[0].name] = {k: v for k, v in refined.items() if k != "images"}
+        results[refine[0].name] = {**{k: v for k, v in refined.items() if k != "images"}, "seconds": refine_seconds}
+        seconds += refine_seconds
     return dict(text=text, seconds=seconds, prompt_tokens=prompt_len, new_tokens=n_new, stats=stats, results=results)
 
 

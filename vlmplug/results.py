@@ -167,7 +167,7 @@ class AttentionMaps:
                   weights: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [height, width]: the image's attention as a density over its pixels, all views merged.
 
-        Rule: every view of the image that has boxes (or the views named in `views`) is reduced as
+        Rule: every view of `covering_views` (or the views named in `views`) is reduced as
         `reduce(..., layers, heads, how)`, or, with `weights` (float [len(self.layers), num_heads]), as the
         weighted sum of its (layer, head) grids (e.g. TAG's top-k pairs); `pixel_density` places the values.
         See `pixel_density` for the frame and the size.
@@ -229,7 +229,8 @@ def pixel_density(im: ImageLayout, values, views: Sequence[str] | None = None, s
     """float32 [height, width]: token values placed on the image's pixels as a density, all chosen views summed.
 
     values: float [seq_len] indexed by sequence position, or a callable view -> float [rows, cols].
-    views: names of the views to place (default: every view with boxes).
+    views: names of the views to place (default: `covering_views`, the boxed views that hold every placed token
+        once: Idefics3's assembled 'tiles' grid, which repeats its tile views, is left out).
 
     Each token's value is spread uniformly over its box (value / box area) and the densities of all views are
     summed. A pixel receives each box's density times the part of the pixel that box covers. Boxes are first
@@ -247,7 +248,7 @@ def pixel_density(im: ImageLayout, values, views: Sequence[str] | None = None, s
         over the frame (each output pixel covers frame_w / width by frame_h / height frame pixels), so the total
         is unchanged.
     """
-    chosen = boxed_views(im, views)
+    chosen = boxed_views(im, covering_views(im) if views is None else views)
     if not chosen:
         raise ValueError(f"{where}: no view has boxes ({[v.name for v in im.views]}); "
                          "its tokens cannot be placed on pixels")

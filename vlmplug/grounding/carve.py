@@ -32,9 +32,11 @@ LAYER_SPAN = (20 / 32, 25 / 32)
 
 @dataclass(frozen=True)
 class CARVE:
-    """layers: decoder layers (default CARVE's 20-25, as a share of 32 layers scaled to the model); lam: the
-    contrast's lambda (1e-8); top_p: the mask's pixel share (0.2); k: components kept at least (3);
-    max_new_tokens: steps of each attention pass (32)."""
+    """layers: decoder layers (default CARVE's 20-25, as a share of 32 layers scaled to the model: the official
+    code uses 20-25 whatever the depth); lam: the contrast's lambda (1e-8); top_p: the mask's pixel share (0.2); k:
+    components kept at least (3); max_new_tokens: steps of the question's attention pass (32; the general pass runs
+    as many steps as the question's answer took, the steps CARVE pairs); question_suffix: appended to the question
+    in the attention pass (the official code appends " Answer the question using a single word or phrase.")."""
 
     name: ClassVar[str] = "carve"
     layers: tuple[int, ...] | None = None
@@ -43,14 +45,15 @@ class CARVE:
     k: int = 3
     max_new_tokens: int = 32
     generic_prompt: str = GENERIC_PROMPT
+    question_suffix: str = ""
 
     def __post_init__(self):
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise MethodConfigError(f"carve: top_p={self.top_p!r} must be in (0, 1]")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise MethodConfigError(f"carve: k={self.k!r} must be a positive int")
-        if not (isinstance(self.lam, (int, float)) and self.lam >= 0):
-            raise MethodConfigError(f"carve: lam={self.lam!r} must be >= 0")
+        if isinstance(self.lam, bool) or not (isinstance(self.lam, (int, float)) and self.lam > 0):
+            raise MethodConfigError(f"carve: lam={self.lam!r} must be > 0 (CARVE: 1e-8)")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise MethodConfigError(f"carve: max_new_tokens={self.max_new_tokens!r} must be a positive int")
 
@@ -98,7 +101,7 @@ def carve_mask(S: np.ndarray, top_p: float, k: int) -> np.ndarray:
     from scipy import ndimage
 
     thr = np.quantile(S, 1 - top_p)
-    above = S >= thr
+    above = (S >= thr) & (S > 0)  # never the unseen margins (a crop's cut-away sides read 0)
     lab, n = ndimage.label(above)
     if n == 0:
         return above
@@ -112,6 +115,8 @@ def refine(image, mask: np.ndarray):
     from PIL import Image
 
     ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("carve: the mask is empty (the map gave the image no attention)")
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     arr = np.asarray(image.convert("RGB")).copy()
     arr[~mask] = 0
@@ -130,13 +135,21 @@ def run(model, processor, images, question: str, cfg: CARVE) -> dict:
         raise MethodConfigError(f"carve works on one image per question; got {len(images)}")
     image = images[0]
     n = get_adapter(model, processor).num_layers
-    layers = default_layers(n) if cfg.layers is None else sorted({li % n for li in cfg.layers})
-    q_steps, layout = step_maps(model, processor, image, question, layers, cfg.max_new_tokens)
-    g_steps, g_layout = step_maps(model, processor, image, cfg.generic_prompt, layers, cfg.max_new_tokens)
+    if cfg.layers is None:
+        layers = default_layers(n)
+    else:
+        from .core import check_layers
+
+        layers = check_layers(cfg.layers, n)
+    q_steps, layout = step_maps(model, processor, image, question + cfg.question_suffix, layers, cfg.max_new_tokens)
+    g_steps, g_layout = step_maps(model, processor, image, cfg.generic_prompt, layers, len(q_steps))
     qi, gi = layout.samples[0].images[0], g_layout.samples[0].images[0]
     if qi.positions.tolist() != gi.positions.tolist():
         raise RuntimeError("carve: the image sits at different positions under the two prompts")
     S = contrast_map(q_steps, g_steps, layout, cfg.lam).numpy()
+    if S.shape != (image.size[1], image.size[0]):
+        raise RuntimeError(f"carve: the map is {S.shape[::-1]}, the image {image.size}: the adapter could not place "
+                           "the tokens in the original image")
     mask = carve_mask(S, cfg.top_p, cfg.k)
     refined, box = refine(image, mask)
     return {"mask": mask, "box": box, "refined": refined, "map": S, "steps": min(len(q_steps), len(g_steps)),

@@ -45,6 +45,31 @@ def default_layers(method: str, num_layers: int) -> list[int]:
     return list(range(num_layers))
 
 
+def check_layers(layers, n: int) -> list[int]:
+    """Decoder layers (negative from the end) -> sorted distinct indices; MethodConfigError when out of range."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    if not layers:
+        raise MethodConfigError("ground: layers=[] is empty; give decoder layers or None (the method's default)")
+    for li in layers:
+        if isinstance(li, bool) or not isinstance(li, int) or not -n <= li < n:
+            raise MethodConfigError(f"ground: layer {li!r} is out of range for a {n}-layer model")
+    return sorted({li % n for li in layers})
+
+
+def check_heads(heads, H: int, method: str) -> None:
+    if heads is None:
+        return
+    if method in ("tag", "rollout"):
+        raise MethodConfigError(f"ground: heads= is for 'raw' and 'relative'; {method!r} "
+                                + ("chooses its own (layer, head) pairs" if method == "tag" else "averages every head"))
+    heads = list(heads)
+    if not heads:
+        raise MethodConfigError("ground: heads=[] is empty; give head indices or None (all)")
+    for h in heads:
+        if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < H:
+            raise MethodConfigError(f"ground: head {h!r} is out of range for {H} heads")
+
+
 def check_args(method: str, tokens: str, top_k: int, threshold: float) -> None:
     if method not in METHODS:
         raise MethodConfigError(f"ground: method={method!r}; choose one of {list(METHODS)}")
@@ -80,15 +105,15 @@ def rollout_rows(probe: TokenProbe, layers: Sequence[int], start: torch.Tensor) 
         c = probe.qk[li]
         dev = c.query.device
         B, Hq, Lq, _ = c.query.shape
-        u = torch.zeros(B, c.key.shape[2], dtype=torch.float64)
-        live = torch.nonzero((v != 0).any(0)).flatten()
+        u = torch.zeros(B, c.key.shape[2], dtype=torch.float32, device=dev)
+        vd = v.to(dev, torch.float32)
+        live = torch.nonzero((v != 0).any(0)).flatten().to(dev)
         for s in range(0, live.numel(), PROBE_CHUNK):
-            rows = live[s : s + PROBE_CHUNK].to(dev)[None, :].expand(B, -1)
+            rows = live[s : s + PROBE_CHUNK][None, :].expand(B, -1)
             scores = _row_scores(c.query, c.key, rows, c.scale, None, None, c.mask, c.causal, Lq)
             a = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(1)  # [B, n, S] head mean
-            w = torch.gather(v, 1, rows.cpu())  # [B, n]
-            u += (w[:, :, None] * a.double().cpu()).sum(1)
-        v = 0.5 * u[:, : v.shape[1]] + 0.5 * v
+            u += (torch.gather(vd, 1, rows)[:, :, None] * a).sum(1)  # on the layer's device; one copy per layer
+        v = 0.5 * u[:, : v.shape[1]].double().cpu() + 0.5 * v
     return v.float()
 
 
@@ -153,7 +178,9 @@ def ground_inputs(model, inputs: dict, *, method: str = "tag", targets: list[lis
     from ..adapters.base import get_adapter
 
     n_layers = get_adapter(model, processor).num_layers
-    chosen = default_layers(method, n_layers) if layers is None else sorted({li % n_layers for li in layers})
+    H = int(model.config.get_text_config().num_attention_heads)
+    chosen = default_layers(method, n_layers) if layers is None else check_layers(layers, n_layers)
+    check_heads(heads, H, method)
     if method == "relative":
         if generic_inputs is None:
             raise MethodConfigError("ground: method='relative' needs the generic prompt's inputs")
@@ -161,10 +188,12 @@ def ground_inputs(model, inputs: dict, *, method: str = "tag", targets: list[lis
     probe, layout = probe_forward(model, inputs, image_sizes, layers=chosen, targets=targets,
                                   capture_qk=method == "rollout", processor=processor)
     step = probe.steps[-1]
-    gstep = None
-    if method == "relative":
-        gprobe, _ = probe_forward(model, generic_inputs, image_sizes, layers=chosen, processor=processor)
+    gstep = glayout = None
+    if method == "relative":  # its own layout: the generic prompts pad differently from the questions
+        gprobe, glayout = probe_forward(model, generic_inputs, image_sizes, layers=chosen, processor=processor)
         gstep = gprobe.steps[-1]
+        if [len(s.images) for s in glayout.samples] != [len(s.images) for s in layout.samples]:
+            raise ValueError("relative: the generic inputs do not hold the same images as the question's")
     rolled = None
     if method == "rollout":
         B, L = len(layout), next(iter(step.rows.values())).shape[-1]
@@ -182,7 +211,8 @@ def ground_inputs(model, inputs: dict, *, method: str = "tag", targets: list[lis
             where = f"sample {b}, image {i}"
             info: dict[str, Any] = {"layers": chosen, "views": views, "grid": (im.main_view.rows, im.main_view.cols)}
             if method == "tag":
-                vals, pairs = tag_values(step, chosen, b, im.positions, top_k)
+                placed = torch.cat([im.view(n).positions for n in views]).unique()
+                vals, pairs = tag_values(step, chosen, b, placed, top_k)
                 info["pairs"] = pairs
                 heat = pixel_density(im, vals, views=views, where=where)
             elif method == "raw":
@@ -192,7 +222,11 @@ def ground_inputs(model, inputs: dict, *, method: str = "tag", targets: list[lis
                 heat = pixel_density(im, rolled[b], views=views, where=where)
             else:
                 hq = pixel_density(im, raw_values(step, chosen, b, heads), views=views, where=where)
-                hg = pixel_density(im, raw_values(gstep, chosen, b, heads), views=views, where=where)
+                gim = glayout.samples[b].images[i]
+                hg = pixel_density(gim, raw_values(gstep, chosen, b, heads), views=covering_views(gim), where=where)
+                if hg.shape != hq.shape:
+                    raise ValueError(f"{where}: the generic prompt's map is {tuple(hg.shape)}, the question's "
+                                     f"{tuple(hq.shape)}: not the same image")
                 heat = torch.where(hg > 0, hq / hg.clamp(min=1e-30), torch.zeros_like(hq))
             info["seen"] = seen_pixels(im, views)
             per.append({"heat": heat, "info": info})
@@ -239,61 +273,80 @@ def locate_query(model, processor, inputs: dict, phrases: Sequence[str]) -> tupl
 def ground(model, processor, image, query, method: str = "tag", *, target: str | Sequence[str] | None = None,
            tokens: str | None = None, layers: Sequence[int] | int | None = None, heads: Sequence[int] | None = None,
            top_k: int = TAG_TOP_K, threshold: float = TAG_THRESHOLD, prompt: str = "{query}",
-           generic_prompt: str = GENERIC_PROMPT) -> Grounding | list[Grounding]:
+           generic_prompt: str = GENERIC_PROMPT):
     """Where the model looks for `query` in `image`: a `Grounding` (heatmap over the original pixels, point, box,
-    point prompts, overlay). A list of images with a list of queries gives a list of groundings (one batch).
+    point prompts, overlay).
+
+    Shapes: one image and one query -> a Grounding; a list of images and one query -> one prompt with those images,
+    a list of Groundings (one per image); a list of queries with a list of the same length, each item an image or a
+    list of images -> one batch, per query a Grounding (or a list, for a list of images).
 
     method: "tag" (default), "relative", "rollout" or "raw" (see vlmplug/grounding/core.py).
     prompt: the text asked, "{query}" replaced by the query (default: the query itself).
     tokens: "query" (the tokens of `target`, default the query, without stop words: TAG's prompt side) or "last"
         (the prompt's last token, whose output is the answer's first token: ViCrop's query row). Default: "query"
-        for "tag", "last" for the others; "relative" always reads the last token.
-    target: the phrase of the query whose tokens are read (one per query in a batch).
+        for "tag", "last" for the others; "relative" reads the last token only.
+    target: the phrase of the query whose tokens are read (one per query in a batch; with tokens="query").
     layers: decoder layers (default: all; "relative": ViCrop's layer 14 of 32 scaled to the model's depth);
     heads: heads for "raw" / "relative" (default all); top_k: TAG's (layer, head) pairs per token;
     threshold: fraction of the maximum for `Grounding.box` / `.points` (TAG: 0.5).
     """
-    from ..pipeline import _load_images, build_prompt, prepare_batch
+    from ..pipeline import _load_images, prepare_batch
 
     if tokens is None:
         tokens = "query" if method == "tag" else "last"
     check_args(method, tokens, top_k, threshold)
+    if method == "relative" and tokens != "last":
+        raise MethodConfigError("ground: 'relative' reads the prompt's last token (ViCrop); tokens='query' does not apply")
+    if target is not None and tokens != "query":
+        raise MethodConfigError("ground: target= picks query tokens; it needs tokens='query'")
     batched = isinstance(query, (list, tuple))
     queries = list(query) if batched else [query]
-    images = _load_images(image) if batched else _load_images([image])
-    if len(images) != len(queries):
-        raise MethodConfigError(f"ground: {len(images)} images for {len(queries)} queries; give one image per query")
+    if batched:
+        if not isinstance(image, (list, tuple)) or len(image) != len(queries):
+            n = len(image) if isinstance(image, (list, tuple)) else 1
+            raise MethodConfigError(f"ground: {n} images for {len(queries)} queries; give one image (or one list of "
+                                    "images) per query")
+        groups = [_load_images(list(im) if isinstance(im, (list, tuple)) else [im]) for im in image]
+        several = [isinstance(im, (list, tuple)) for im in image]
+    else:
+        several = [isinstance(image, (list, tuple))]
+        groups = [_load_images(list(image) if several[0] else [image])]
+    if not all(groups):
+        raise MethodConfigError("ground: every query needs at least one image")
     if not all(isinstance(q, str) and q.strip() for q in queries):
         raise MethodConfigError("ground: every query must be a non-empty string")
+    if not isinstance(prompt, str) or "{query}" not in prompt:
+        raise MethodConfigError(f"ground: prompt={prompt!r} must contain {{query}}")
     if target is None:
         phrases = queries
     else:
         phrases = list(target) if isinstance(target, (list, tuple)) else [target] * len(queries)
         if len(phrases) != len(queries):
             raise MethodConfigError(f"ground: {len(phrases)} targets for {len(queries)} queries")
-    if isinstance(layers, int):
-        layers = [layers]
-    texts = [prompt.format(query=q) for q in queries]
-    inputs = prepare_batch(model, processor, [[im] for im in images], texts)
-    sizes = [[im.size] for im in images]
+    texts = [prompt.replace("{query}", q) for q in queries]
+    inputs = prepare_batch(model, processor, groups, texts)
+    sizes = [[im.size for im in g] for g in groups]
     targets, token_text = None, [[] for _ in queries]
-    if method != "relative" and tokens == "query":
+    if tokens == "query":
         targets, token_text = locate_query(model, processor, inputs, phrases)
-    generic = None
-    if method == "relative":
-        generic = prepare_batch(model, processor, [[im] for im in images], [generic_prompt] * len(queries))
+    generic = prepare_batch(model, processor, groups, [generic_prompt] * len(queries)) if method == "relative" else None
     maps = ground_inputs(model, inputs, method=method, targets=targets, layers=layers, heads=heads, top_k=top_k,
                          image_sizes=sizes, generic_inputs=generic, processor=processor)
+    tok = getattr(processor, "tokenizer", processor)
     out = []
     for b, q in enumerate(queries):
-        m = maps[b][0]
-        if tuple(m["heat"].shape[::-1]) != images[b].size:
-            raise RuntimeError(f"the map is {tuple(m['heat'].shape[::-1])}, the image {images[b].size}: the adapter "
-                               "could not place the tokens in the original image")
+        if len(maps[b]) != len(groups[b]):
+            raise RuntimeError(f"query {b}: the model saw {len(maps[b])} images, {len(groups[b])} were given")
         if targets is None:
-            tok = getattr(processor, "tokenizer", processor)
             last = int(torch.nonzero(inputs["attention_mask"][b]).max()) if "attention_mask" in inputs else -1
             token_text[b] = [tok.decode([int(inputs["input_ids"][b, last])])]
-        out.append(Grounding(heatmap=_normalise(m["heat"]), query=q, method=method, image=images[b],
-                             tokens=token_text[b], info=m["info"], threshold=float(threshold)))
+        per = []
+        for m, im in zip(maps[b], groups[b]):
+            if tuple(m["heat"].shape[::-1]) != im.size:
+                raise RuntimeError(f"the map is {tuple(m['heat'].shape[::-1])}, the image {im.size}: the adapter "
+                                   "could not place the tokens in the original image")
+            per.append(Grounding(heatmap=_normalise(m["heat"]), query=q, method=method, image=im,
+                                 tokens=token_text[b], info=m["info"], threshold=float(threshold)))
+        out.append(per if several[b] else per[0])
     return out if batched else out[0]

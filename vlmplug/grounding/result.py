@@ -50,21 +50,28 @@ class Grounding:
 
     def __repr__(self) -> str:
         h, w = self.heatmap.shape
-        return f"Grounding({self.method!r}, query={self.query!r}, {w}x{h}, point={self.point}, box={self.box})"
+        return f"Grounding({self.method!r}, query={self.query!r}, {w}x{h}, point={self.point})"
 
     # ------------------------------------------------------------------ point
     @property
     def point(self) -> tuple[float, float]:
-        """(x, y) of the heatmap's peak in the original image's pixels: the centre of the connected plateau of
-        maximal pixels that holds the first maximal pixel (a peak token spreads one value over its whole box, so
-        its box centre, not its top-left pixel)."""
+        """(x, y) of the heatmap's peak in the original image's pixels: the centre of the run of maximal pixels
+        through the first maximal pixel, along its row and its column (a peak token spreads one value over its whole
+        box, so its box centre, not its top-left pixel)."""
         hm = self.heatmap
-        top = float(hm.max())
-        flat = hm >= top - 1e-6 * max(top, 1e-30)
-        lab, _ = _ndimage().label(flat, structure=EIGHT)
         y0, x0 = np.unravel_index(int(np.argmax(hm)), hm.shape)
-        ys, xs = np.nonzero(lab == lab[y0, x0])
-        return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+        top = hm[y0, x0]
+        flat = hm >= top - 1e-6 * max(float(top), 1e-30)
+
+        def run(line, i):
+            lo = hi = i
+            while lo > 0 and line[lo - 1]:
+                lo -= 1
+            while hi + 1 < len(line) and line[hi + 1]:
+                hi += 1
+            return (lo + hi + 1) / 2.0
+
+        return float(run(flat[y0, :], x0)), float(run(flat[:, x0], y0))
 
     # ------------------------------------------------------------------ regions
     @property

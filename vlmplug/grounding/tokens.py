@@ -40,13 +40,29 @@ def phrase_tokens(tokenizer, ids: list[int], start: int, end: int, phrase: str,
     out unless nothing else remains. [] when the phrase is not there."""
     text, spans = token_spans(tokenizer, ids[start : end + 1])
     at = text.lower().rfind(phrase.strip().lower())
-    if at < 0 or not phrase.strip():
+    if not phrase.strip():
         return []
+    if at < 0:  # not verbatim (a tokenizer that drops or replaces words, e.g. <unk>): the phrase's content words
+        return _word_tokens(text, spans, phrase, start)
     lo, hi = at, at + len(phrase.strip())
     hit = [i for i, (a, b) in enumerate(spans) if a < hi and b > lo and b > a]
     if content_only:  # a token is content when it overlaps a word of the phrase that is not a stop word
-        content = [(m.start() + lo, m.end() + lo) for m in re.finditer(r"[A-Za-z0-9]+", text[lo:hi])
+        content = [(m.start() + lo, m.end() + lo) for m in re.finditer(r"\w+", text[lo:hi])
                    if m.group().lower() not in STOP_WORDS]
         words = [i for i in hit if any(spans[i][0] < b and spans[i][1] > a for a, b in content)]
         hit = words or hit
     return [start + i for i in hit]
+
+
+def _word_tokens(text: str, spans, phrase: str, start: int) -> list[int]:
+    """Tokens spelling the last occurrence of each content word of `phrase` in `text` (whole words, case-insensitive)."""
+    low = text.lower()
+    out: set[int] = set()
+    for w in re.findall(r"\w+", phrase.lower()):
+        if w in STOP_WORDS:
+            continue
+        found = [m for m in re.finditer(rf"(?<!\w){re.escape(w)}(?!\w)", low)]
+        if found:
+            lo, hi = found[-1].span()
+            out |= {i for i, (a, b) in enumerate(spans) if a < hi and b > lo and b > a}
+    return sorted(start + i for i in out)

@@ -46,13 +46,32 @@ class ViCrop:
             raise MethodConfigError(f"vicrop: ratios={self.ratios!r} must be positive numbers")
 
 
+#: mllms_know's bbox_size for the Qwen2.5-VL family (its vision config has no fixed input side)
+QWEN_BBOX = 224
+
+
 def encoder_side(model) -> int:
-    """The vision encoder's input side in pixels (the default crop side)."""
+    """The default crop side: the vision encoder's input side in pixels (mllms_know: 336 for LLaVA-1.5, 224 for
+    BLIP and Qwen2.5-VL), 336 when the config has none."""
+    if str(getattr(model.config, "model_type", "")).startswith("qwen"):
+        return QWEN_BBOX
     vc = getattr(model.config, "vision_config", None)
     s = getattr(vc, "image_size", None)
     if isinstance(s, (list, tuple)):
         s = s[0]
     return int(s) if isinstance(s, int) and s > 0 else 336
+
+
+def cell_map(heatmap: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The pixel heatmap summed into rows x cols cells laid evenly over the image (each pixel to the cell holding
+    its centre; works for images smaller than the grid)."""
+    H, W = heatmap.shape
+    rows, cols = grid
+    ri = np.minimum(((np.arange(H) + 0.5) * rows / H).astype(int), rows - 1)
+    ci = np.minimum(((np.arange(W) + 0.5) * cols / W).astype(int), cols - 1)
+    out = np.zeros((rows, cols))
+    np.add.at(out, (ri[:, None], ci[None, :]), heatmap.astype(np.float64))
+    return out
 
 
 def _window_sums(m: np.ndarray, kh: int, kw: int) -> np.ndarray:
@@ -63,42 +82,38 @@ def _window_sums(m: np.ndarray, kh: int, kw: int) -> np.ndarray:
 
 def select_box(heatmap: np.ndarray, grid: tuple[int, int], bbox_size: int,
                ratios=RATIOS) -> tuple[int, int, int, int]:
-    """ViCrop's adaptive box (mllms_know `bbox_from_att_image_adaptive`) on a pixel heatmap [H, W] of the original
-    image. grid: (rows, cols) of the map's cells (the model's main token grid, laid evenly over the image).
+    """ViCrop's adaptive box (mllms_know `bbox_from_att_image_adaptive`, its arithmetic kept) on a pixel heatmap
+    [H, W] of the original image; grid: (rows, cols) of the map's cells (the model's main token grid).
 
-    Per ratio r: a window of floor(bbox_size * r / cell side) cells per axis (at most the map), slid with stride 1;
-    the window with the largest sum; its sharpness = (that sum - the mean sum of the windows one cell left, right,
-    up and down that exist) / cells in the window. A window covering the whole map is no crop: at r = 1 the whole
-    image is the box, at larger r the ratio is skipped. The box: side bbox_size * r around the sharpest window's
-    centre, shifted to lie inside the image (clipped where the image is smaller)."""
+    Per ratio r: a window of int(bbox_size * r / cell side) cells per axis (at most the map), slid with stride 1; the
+    window with the largest sum (first in column-major order on ties, as the official loops); its sharpness = (that
+    sum - the mean sum of the windows one cell left, right, up and down that exist) / cells in the window. A window
+    covering the whole map is no crop: at the first ratio the whole image is the box, at later ones the ratio is
+    skipped. The box: side bbox_size * r around the sharpest window's centre (integer pixels), shifted inside the
+    image, clipped where the image is smaller."""
     H, W = heatmap.shape
     rows, cols = grid
-    ys = np.linspace(0, H, rows + 1).round().astype(int)
-    xs = np.linspace(0, W, cols + 1).round().astype(int)
-    cells = np.add.reduceat(np.add.reduceat(heatmap.astype(np.float64), ys[:-1], axis=0), xs[:-1], axis=1)
+    cells = cell_map(heatmap, grid)
     bw, bh = W / cols, H / rows
-    best = None
+    found = []
     for r in ratios:
-        kw = max(1, min(int(bbox_size * r / bw), cols))
-        kh = max(1, min(int(bbox_size * r / bh), rows))
-        if kw >= cols and kh >= rows:
+        kw, kh = min(int(bbox_size * r / bw), cols), min(int(bbox_size * r / bh), rows)
+        if cols - kw < 1 and rows - kh < 1:
             if r == ratios[0]:
                 return 0, 0, W, H
             continue
+        kw, kh = max(kw, 1), max(kh, 1)
         sums = _window_sums(cells, kh, kw)
-        i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
+        j, i = np.unravel_index(int(np.argmax(sums.T)), sums.T.shape)  # column-major first maximum
         nb = [sums[a, b] for a, b in ((i, j - 1), (i, j + 1), (i - 1, j), (i + 1, j))
               if 0 <= a < sums.shape[0] and 0 <= b < sums.shape[1]]
-        sharp = (sums[i, j] - np.mean(nb)) / (kh * kw)
-        if best is None or sharp > best[0]:
-            best = (sharp, bbox_size * r, (j + kw / 2) * bw, (i + kh / 2) * bh)
-    _, side, cx, cy = best
-    half = side / 2
-    cx = min(max(cx, half), W - half)
-    cy = min(max(cy, half), H - half)
-    x0, y0 = max(0.0, cx - half), max(0.0, cy - half)
-    x1, y1 = min(float(W), cx + half), min(float(H), cy + half)
-    return int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
+        found.append(((sums[i, j] - np.mean(nb)) / (kh * kw), bbox_size * r, j, i, kw, kh))
+    _, side, j, i, kw, kh = found[int(np.argmax([f[0] for f in found]))]
+    half = side // 2
+    cx, cy = int(j * bw + bw * kw / 2), int(i * bh + bh * kh / 2)
+    cx, cy = max(cx, half), max(cy, half)
+    cx, cy = min(cx, W - half), min(cy, H - half)
+    return int(max(0, cx - half)), int(max(0, cy - half)), int(min(W, cx + half)), int(min(H, cy + half))
 
 
 def run(model, processor, images, question: str, cfg: ViCrop) -> dict:
