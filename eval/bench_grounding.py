@@ -3,7 +3,7 @@ LLaVA-1.5-7B shapes with random weights (speed needs no trained weights), depth 
 
 The prompt: BOS + 4 tokens, the 576 image tokens of a 336 x 336 image, 40 text tokens (LLaVA-1.5's
 "USER: <image>\\n{question} ASSISTANT:" shape); the query is 3 text tokens near the end. Every mode runs without a KV
-cache and returns full logits, as the grounding probe's forward does.
+cache and keeps the last position's logits only (logits_to_keep=1), as the grounding probe's forward does.
 
 All modes run in one worker process (bench_backend.run_worker): a warm-up call of sdpa, eager and the first grounding
 mode (the other grounding modes run the same probe path), then --reps rounds of every mode once, the order rotated: on a shared machine separate processes' timings drifted by up to 2x,
@@ -69,7 +69,7 @@ def worker(modes: list[str], args) -> dict:
         if mode in ("sdpa", "eager"):
             model.set_attn_implementation({"text_config": mode})
             with torch.no_grad():
-                out = model(**inputs, use_cache=False, output_attentions=mode == "eager")
+                out = model(**inputs, use_cache=False, output_attentions=mode == "eager", logits_to_keep=1)
             model.set_attn_implementation({"text_config": "sdpa"})  # every other mode starts from the plain model
             return out
         maps = ground_inputs(model, inputs, method=mode, targets=None if mode == "relative" else targets,

@@ -52,3 +52,10 @@ def test_ground_reports_bad_input(tmp_path, capsys):
     assert "cannot read --image" in capsys.readouterr().err
     assert main(["ground", "--image", str(bad), "--query", "x", "--method", "gradcam"]) == 2
     assert "unknown grounding method" in capsys.readouterr().err
+    good = tmp_path / "ok.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(good)
+    assert main(["ground", "--image", str(good), "--query", "What color is the circle?", "--layers", "99",
+                 "--out", str(tmp_path / "h.png")]) == 2
+    assert "out of range" in capsys.readouterr().err

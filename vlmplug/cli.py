@@ -100,12 +100,21 @@ def cmd_ground(args) -> int:
     except (OSError, ValueError) as e:
         print(f"cannot read --image {args.image!r}: {e}", file=sys.stderr)
         return 2
+    try:
+        import scipy  # noqa: F401 - the box and the prompts need it; say so before loading a model
+        if args.overlay:
+            import matplotlib  # noqa: F401
+    except ImportError as e:
+        print(f"vlmplug ground needs the 'ground' extra ({e.name} is missing): pip install 'vlmplug[ground]'",
+              file=sys.stderr)
+        return 2
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     model, processor = load(args.model, dtype=args.dtype)
     try:
         g = ground(model, processor, image, args.query, method=args.method, tokens=args.tokens, target=args.target,
-                   threshold=args.threshold)
-    except VlmplugError as e:
-        print(str(e), file=sys.stderr)
+                   threshold=args.threshold, layers=layers, top_k=args.top_k, prompt=args.prompt)
+    except (VlmplugError, ValueError, RuntimeError) as e:
+        print(f"vlmplug ground: {e}", file=sys.stderr)
         return 2
     picture = g.overlay() if args.overlay else Image.fromarray((g.heatmap * 255).round().astype("uint8"), "L")
     picture.save(args.out)
@@ -152,6 +161,9 @@ def main(argv=None) -> int:
     g.add_argument("--tokens", default=None, choices=["query", "last"], help="query tokens (tag's default) or the last")
     g.add_argument("--target", default=None, help="the phrase of the query whose tokens are read")
     g.add_argument("--threshold", type=float, default=0.5, help="box threshold, a fraction of the peak")
+    g.add_argument("--layers", default=None, help="decoder layers, comma-separated (default: the method's)")
+    g.add_argument("--top-k", type=int, default=10, help="tag: (layer, head) pairs kept per query token")
+    g.add_argument("--prompt", default="{query}", help='the text asked, "{query}" replaced by the query')
     g.add_argument("--overlay", action="store_true", help="save the heatmap over the picture (default: the heatmap)")
     g.add_argument("--out", default="heatmap.png", help="output PNG")
     g.add_argument("--dtype", default=None, help="e.g. bfloat16 for real checkpoints")

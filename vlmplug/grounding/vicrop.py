@@ -25,11 +25,14 @@ RATIOS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0)
 
 @dataclass(frozen=True)
 class ViCrop:
-    """layers: decoder layers of the rel-att map (default: ViCrop's 14 of 32, scaled to the model's depth).
+    """map: the grounding method whose map places the crop ("relative": the paper's rel-att; "raw", "tag",
+    "rollout": vlmplug's maps of the prompt's last token, for models where a generic prompt means nothing).
+    layers: decoder layers of the map (default: the method's; rel-att: ViCrop's 14 of 32, scaled to the depth).
     bbox_size: the crop's base side in original pixels (default: the vision encoder's input side; mllms_know uses
     336 for LLaVA-1.5). ratios: the window scales tried. requery: "both" ([original, crop], the paper) or "crop"."""
 
     name: ClassVar[str] = "vicrop"
+    map: str = "relative"
     layers: tuple[int, ...] | None = None
     bbox_size: int | None = None
     ratios: tuple[float, ...] = RATIOS
@@ -37,6 +40,10 @@ class ViCrop:
     requery: str = "both"
 
     def __post_init__(self):
+        from .core import METHODS
+
+        if self.map not in METHODS:
+            raise MethodConfigError(f"vicrop: map={self.map!r}; choose one of {list(METHODS)}")
         if self.requery not in ("both", "crop"):
             raise MethodConfigError(f"vicrop: requery={self.requery!r}; choose 'both' or 'crop'")
         if self.bbox_size is not None and (isinstance(self.bbox_size, bool) or not isinstance(self.bbox_size, int)
@@ -123,7 +130,7 @@ def run(model, processor, images, question: str, cfg: ViCrop) -> dict:
     if len(images) != 1:
         raise MethodConfigError(f"vicrop works on one image per question; got {len(images)}")
     image = images[0]
-    g = ground(model, processor, image, question, method="relative", layers=cfg.layers,
+    g = ground(model, processor, image, question, method=cfg.map, layers=cfg.layers, tokens="last",
                generic_prompt=cfg.generic_prompt)
     grid = g.info.get("grid")
     box = select_box(g.heatmap, grid, cfg.bbox_size or encoder_side(model), cfg.ratios)
