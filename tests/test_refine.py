@@ -195,3 +195,12 @@ def test_pipeline_methods_refuse_apply_and_bad_settings(world):
     with pytest.raises(MethodConfigError, match="carve"):
         generate_info(model, proc, Image.new("RGB", (64, 64)), "q", methods="carve", method_params={"bogus": 1})
     assert "_vlmplug_handle" not in model.__dict__
+
+
+def test_vicrop_ties_go_to_the_first_window_in_the_official_scan_order():
+    cells = np.zeros((8, 8))
+    cells[0, 6] = cells[6, 0] = 1.0  # two equal peaks: the official loops scan x (columns) first
+    heat = np.kron(cells, np.ones((10, 10))) / 100.0
+    got = vicrop.select_box(heat, (8, 8), 10, ratios=(1.0,))
+    assert got == tuple(int(v) for v in _ref_box(cells, (80, 80), 10, ratios=(1.0,)))
+    assert got[0] < 10 and got[1] >= 55  # the peak at column 0, row 6
