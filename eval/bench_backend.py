@@ -72,6 +72,31 @@ def peak_since(cuda: bool, base: int) -> int:
     return _hwm_kib() * 1024 - base
 
 
+def llava_model(args):
+    """(config, model, dtype): LLaVA-1.5-7B shapes with random weights at --text-layers / --vision-layers, or the
+    real depth with every layer sharing one layer's weights (--shared-weights); threads from --threads."""
+    import torch
+
+    from vlmplug.testing.shapes import build_random, deepen_shared, llava15_config
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    dtype = getattr(torch, args.dtype)
+    if args.shared_weights:  # real depth, one layer's weights (see deepen_shared)
+        cfg = llava15_config(text_layers=1, vision_layers=1)
+        model = deepen_shared(build_random(cfg, dtype=dtype, device=args.device), args.text_layers, args.vision_layers)
+    else:
+        cfg = llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
+        model = build_random(cfg, dtype=dtype, device=args.device)
+    return cfg, model, dtype
+
+
+def write_results(args, results, summary) -> None:
+    """--out: the run's arguments, per-mode results and summary as JSON."""
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results, "summary": summary}, f, indent=2)
+
+
 def run_worker(cmd: list[str]) -> dict | int:
     """Run one measurement worker in its own process (peak memory is then its own): its last stdout line as JSON, or
     the worker's exit code (its stderr printed) when it failed."""
@@ -88,16 +113,9 @@ def worker(mode: str, args) -> dict:
     import torch
 
     import vlmplug
-    from vlmplug.testing.shapes import build_random, deepen_shared, llava15_config, llava_prompt
+    from vlmplug.testing.shapes import llava_prompt
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    dtype = getattr(torch, args.dtype)
-    if args.shared_weights:  # real depth, one layer's weights (see deepen_shared)
-        cfg = llava15_config(text_layers=1, vision_layers=1)
-        model = deepen_shared(build_random(cfg, dtype=dtype, device=args.device), args.text_layers, args.vision_layers)
-    else:
-        cfg = llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
-        model = build_random(cfg, dtype=dtype, device=args.device)
+    cfg, model, dtype = llava_model(args)
     inputs = llava_prompt(cfg, device=args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     extra = {"logits_to_keep": 1, "use_cache": args.use_cache}
@@ -188,9 +206,7 @@ def main(argv=None) -> int:
     print(f"eager / record peak memory: {summary['eager_over_record_peak']:.1f}x (target >= 5)")
     print(f"memory added to the SDPA forward: record {summary['record_extra_mib']:+.1f} MiB, "
           f"eager {summary['eager_extra_mib']:+.1f} MiB (eager keeps a [heads, L, L] map per layer)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results, "summary": summary}, f, indent=2)
+    write_results(args, results, summary)
     return 0
 
 

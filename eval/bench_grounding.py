@@ -35,7 +35,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_backend import peak_since, peak_start, run_worker  # noqa: E402 - one way to measure
+from bench_backend import peak_since, peak_start, run_worker, write_results, llava_model  # noqa: E402 - one way to measure
 
 MODES = ("sdpa", "tag", "raw", "rollout", "relative", "eager")
 GROUNDING = ("tag", "raw", "rollout", "relative")
@@ -47,16 +47,9 @@ def worker(modes: list[str], args) -> dict:
 
     from vlmplug.grounding.core import _normalise, ground_inputs
     from vlmplug.grounding.result import Grounding
-    from vlmplug.testing.shapes import build_random, deepen_shared, llava15_config, llava_prompt
+    from vlmplug.testing.shapes import llava_prompt
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    dtype = getattr(torch, args.dtype)
-    if args.shared_weights:  # real depth, one layer's weights (see deepen_shared)
-        cfg = llava15_config(text_layers=1, vision_layers=1)
-        model = deepen_shared(build_random(cfg, dtype=dtype, device=args.device), args.text_layers, args.vision_layers)
-    else:
-        cfg = llava15_config(text_layers=args.text_layers, vision_layers=args.vision_layers)
-        model = build_random(cfg, dtype=dtype, device=args.device)
+    cfg, model, dtype = llava_model(args)
     inputs = llava_prompt(cfg, text_before=TEXT_BEFORE, text_after=TEXT_AFTER, device=args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     generic = llava_prompt(cfg, text_before=TEXT_BEFORE, text_after=GENERIC_AFTER, device=args.device, seed=1)
@@ -167,9 +160,7 @@ def main(argv=None) -> int:
         print(f"  {mode:<9} time {s['time_x_sdpa']:.2f}x sdpa (target {target}); eager peak "
               f"{s['eager_peak_over_peak']:.1f}x its peak (target >= 5); map {results[mode]['map_shape']}, "
               f"point {tuple(round(v, 1) for v in results[mode]['point'])}, box {results[mode]['box']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results, "summary": summary}, f, indent=2)
+    write_results(args, results, summary)
     return 0
 
 
