@@ -118,6 +118,19 @@ CONTRACT: dict[str, dict] = {
         invalid_config=[dict(keep_ratio=2.0), dict(iters=-1), dict(keep_tokens=1.5)],
         invalid_model=[],
     ),
+    "random": dict(
+        active=dict(keep_tokens=2, seed=1),
+        identity=dict(keep_ratio=1.0),
+        invalid_config=[dict(keep_ratio=2.0), dict(keep_ratio=0.5, keep_tokens=2), dict(keep_tokens=-1),
+                        dict(seed=-1), dict(seed=1.5), dict(seed=True)],
+        invalid_model=[],
+    ),
+    "pool": dict(
+        active=dict(keep_tokens=2),  # a 1x2 cell grid (or one token per view) per image
+        identity=dict(keep_ratio=1.0),
+        invalid_config=[dict(keep_ratio=2.0), dict(keep_ratio=0.5, keep_tokens=2), dict(keep_tokens=1.5)],
+        invalid_model=[],
+    ),
 }
 
 # Identity runs whose decode-step logits are not bit-equal to the unpatched model (but within 1e-5, with equal tokens);

@@ -26,6 +26,8 @@ _CONFIGS = {
     "HiPrune": "vlmplug.methods.pruning.hiprune",
     "FlowCut": "vlmplug.methods.pruning.flowcut",
     "Cluster": "vlmplug.methods.pruning.cluster",
+    "RandomDrop": "vlmplug.methods.pruning.random_drop",
+    "Pool": "vlmplug.methods.pruning.pool",
     "PAI": "vlmplug.methods.attention.pai",
     "VAR": "vlmplug.methods.attention.var",
     "ACT": "vlmplug.methods.attention.act",

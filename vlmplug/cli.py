@@ -1,4 +1,4 @@
-"""Command line: `vlmplug run` (the main job), `vlmplug ground`, `vlmplug methods`, `vlmplug models`."""
+"""Command line: `vlmplug run` (the main job), `vlmplug ground`, `vlmplug eval`, `vlmplug methods`, `vlmplug models`."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,52 @@ def cmd_ground(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .errors import VlmplugError
+    from .evaluation import pope as pope_files
+    from .evaluation.runner import MethodSpec, run_pope, write_outputs
+    from .loading import load
+
+    specs = [MethodSpec.parse(m) for m in args.method]
+    try:
+        for s in specs:
+            s.check()  # names and parameters, before any model is loaded
+    except VlmplugError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if args.bench == "world-pope":
+        data = Path(args.data) if args.data else out / "world_pope_data"
+        if not (data / "pope_random.jsonl").exists():
+            pope_files.write_world_pope(data, n=args.scenes, seed=args.seed)
+            print(f"wrote world POPE files ({args.scenes} scenes) under {data}")
+        model_id = args.model or "world"
+    elif args.bench == "pope":
+        if not args.data or not args.model:
+            print("vlmplug eval pope needs --data (the POPE question files and images/) and --model", file=sys.stderr)
+            return 2
+        data, model_id = Path(args.data), args.model
+    else:
+        print(f"unknown benchmark {args.bench!r}; available: world-pope, pope", file=sys.stderr)
+        return 2
+    try:
+        for split in args.splits:
+            pope_files.read_questions(data, split)
+    except (FileNotFoundError, ValueError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    model, processor = load(model_id, dtype=args.dtype)
+    results = run_pope(model, processor, data, specs, out, splits=args.splits, limit=args.limit,
+                       max_new_tokens=args.max_new_tokens, suffix=args.suffix)
+    paths = write_outputs(results, out, args.bench, {"model": model_id, "data": str(data), "limit": args.limit,
+                                                     "methods": [s.label for s in specs], "suffix": args.suffix})
+    print(paths["table"].read_text())
+    print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .registry import method_registry
 
@@ -168,6 +214,22 @@ def main(argv=None) -> int:
     g.add_argument("--out", default="heatmap.png", help="output PNG")
     g.add_argument("--dtype", default=None, help="e.g. bfloat16 for real checkpoints")
     g.set_defaults(fn=cmd_ground)
+    e = sub.add_parser("eval", help="a benchmark with several methods on identical prompts (greedy, resumable)")
+    e.add_argument("bench", help="world-pope (generated from the embedded scenes) or pope (your POPE files)")
+    e.add_argument("--model", default=None, help='checkpoint id/path (world-pope: "world", the default)')
+    e.add_argument("--data", default=None, help="the benchmark's folder (world-pope: written there if missing)")
+    e.add_argument("--method", nargs="+", default=["none"],
+                   help='settings to compare: "none", "fastv", "fastv:keep_ratio=0.25,layer=2", ...')
+    e.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"])
+    e.add_argument("--limit", type=int, default=None, help="first N questions of each split")
+    e.add_argument("--scenes", type=int, default=100, help="world-pope: scenes to draw")
+    e.add_argument("--seed", type=int, default=2024, help="world-pope: scene seed")
+    e.add_argument("--suffix", default="", help='appended to every question (lmms-eval: "\\nAnswer the question '
+                                                 'using a single word or phrase.")')
+    e.add_argument("--max-new-tokens", type=int, default=8)
+    e.add_argument("--out", default="eval_out", help="folder for answers (cached, resumable), JSON, table, plot")
+    e.add_argument("--dtype", default=None)
+    e.set_defaults(fn=cmd_eval)
     sub.add_parser("methods", help="list methods").set_defaults(fn=cmd_methods)
     sub.add_parser("models", help="list supported model types").set_defaults(fn=cmd_models)
     args = p.parse_args(argv)

@@ -18,6 +18,8 @@ _METHOD_MODULES = (
     "vlmplug.methods.pruning.hiprune",
     "vlmplug.methods.pruning.visionzip",
     "vlmplug.methods.pruning.flowcut",
+    "vlmplug.methods.pruning.random_drop",
+    "vlmplug.methods.pruning.pool",
     "vlmplug.methods.attention.pai",
     "vlmplug.methods.attention.var",
     "vlmplug.methods.attention.act",

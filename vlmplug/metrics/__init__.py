@@ -6,6 +6,7 @@
     screenspot(points, boxes, groups)    ScreenSpot click accuracy, per platform / element type
     chair(captions, ground_truth)        CHAIR_s, CHAIR_i, recall, length (COCO synonyms)
 """
+from .chair import chair
 from .mme import mme
 from .pope import pope
 from .screenspot import screenspot
@@ -14,10 +15,3 @@ from .vqa import vqa_accuracy
 
 __all__ = ["pope", "vqa_accuracy", "vqa_normalize", "mme", "screenspot", "chair"]
 
-
-def __getattr__(name):
-    if name == "chair":
-        from .chair import chair
-
-        return chair
-    raise AttributeError(f"module 'vlmplug.metrics' has no attribute {name!r}")
