@@ -13,7 +13,6 @@ word of the greedy answer.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -25,16 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def parse_params(pairs: list[str]) -> dict:
     """``["k=v", ...]`` to a dict; values are Python literals when they parse as one, strings otherwise."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--param expects key=value, got {pair!r}")
-        k, v = pair.split("=", 1)
-        try:
-            out[k.strip()] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k.strip()] = v
-    return out
+    from vlmplug.errors import MethodConfigError
+    from vlmplug.evaluation.runner import parse_pair
+
+    try:
+        return dict(parse_pair(p) for p in pairs)
+    except MethodConfigError as e:
+        raise SystemExit(f"--param: {e}") from None
 
 
 def parse_size(text: str | None):

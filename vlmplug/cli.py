@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 
 
 def _param(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--param takes key=value, got {text!r}")
-    k, v = text.split("=", 1)
+    from .errors import MethodConfigError
+    from .evaluation.runner import parse_pair
+
     try:
-        value = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-        value = v
-    return k.strip(), value
+        return parse_pair(text)
+    except MethodConfigError as e:
+        raise argparse.ArgumentTypeError(f"--param: {e}") from None
 
 
 def _default_method() -> str:

@@ -199,6 +199,23 @@ def run_probe(module, probe: Probe, query, key, attention_mask, scaling, causal_
     probe.callback(out, counts)
 
 
+def weighted_attention(query, key, attention_mask, scaling, causal_module, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * mean_h softmax(q_i K^T) for every sample: float32 [B, S], weights [B, Lq] over this call's query
+    rows (rollout's row vector times the head-mean attention). Only rows with weight are recomputed, PROBE_CHUNK at
+    a time (O(chunk x S)), on the call's device; never L x L."""
+    B, _, Lq, _ = query.shape
+    dev = query.device
+    w = weights.to(dev, torch.float32)
+    out = torch.zeros(B, key.shape[2], dtype=torch.float32, device=dev)
+    live = torch.nonzero((w != 0).any(0)).flatten()
+    for s in range(0, live.numel(), PROBE_CHUNK):
+        rows = live[s : s + PROBE_CHUNK][None, :].expand(B, -1)
+        p = torch.softmax(_row_scores(query, key, rows, scaling, None, None, attention_mask, causal_module, Lq),
+                          dim=-1).nan_to_num(0.0).mean(1)  # [B, n, S] head mean
+        out += (torch.gather(w, 1, rows)[:, :, None] * p).sum(1)
+    return out
+
+
 def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 

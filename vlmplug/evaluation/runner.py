@@ -11,6 +11,17 @@ from typing import Any
 from ..errors import MethodConfigError
 
 
+def parse_pair(text: str) -> tuple[str, Any]:
+    """"key=value" -> (key, value): a Python literal where the value parses as one, else the string."""
+    if "=" not in text:
+        raise MethodConfigError(f"a parameter is key=value, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        return k.strip(), ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return k.strip(), v
+
+
 @dataclass
 class MethodSpec:
     """One compared setting: `label` (shown), `name` ("none" = the plain model), `params`."""
@@ -23,16 +34,7 @@ class MethodSpec:
     def parse(cls, text: str) -> "MethodSpec":
         """"none", "fastv" or "fastv:keep_ratio=0.25,layer=2" (values are Python literals, else strings)."""
         name, _, rest = text.partition(":")
-        params = {}
-        for pair in filter(None, rest.split(",")):
-            if "=" not in pair:
-                raise MethodConfigError(f"--method {text!r}: parameters are key=value, got {pair!r}")
-            k, v = pair.split("=", 1)
-            try:
-                params[k.strip()] = ast.literal_eval(v)
-            except (ValueError, SyntaxError):
-                params[k.strip()] = v
-        return cls(label=text, name=name.strip(), params=params)
+        return cls(label=text, name=name.strip(), params=dict(parse_pair(p) for p in filter(None, rest.split(","))))
 
     def check(self) -> None:
         """Fail before any work: an unknown name or bad parameters."""

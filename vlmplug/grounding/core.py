@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..backend.kernels import PROBE_CHUNK, _row_scores
+from ..backend.kernels import weighted_attention
 from ..errors import MethodConfigError
 from ..results import covering_views, pixel_density
 from .probe import TokenProbe
@@ -99,20 +99,11 @@ def probe_forward(model, inputs: dict, image_sizes, *, layers, targets=None, cap
 def rollout_rows(probe: TokenProbe, layers: Sequence[int], start: torch.Tensor) -> torch.Tensor:
     """start: float [B, L] (the query tokens' weights, each row summing to 1) -> float [B, L]: start times
     (0.5 A_l + 0.5 I) for l from the last chosen layer down to the first, A_l the head-mean softmax attention of
-    layer l, its rows recomputed PROBE_CHUNK at a time from q / k (only rows with weight take part)."""
+    layer l, from the kept q / k by the backend's `weighted_attention` (only rows with weight are recomputed)."""
     v = start.double()
     for li in sorted(layers, reverse=True):
         c = probe.qk[li]
-        dev = c.query.device
-        B, Hq, Lq, _ = c.query.shape
-        u = torch.zeros(B, c.key.shape[2], dtype=torch.float32, device=dev)
-        vd = v.to(dev, torch.float32)
-        live = torch.nonzero((v != 0).any(0)).flatten().to(dev)
-        for s in range(0, live.numel(), PROBE_CHUNK):
-            rows = live[s : s + PROBE_CHUNK][None, :].expand(B, -1)
-            scores = _row_scores(c.query, c.key, rows, c.scale, None, None, c.mask, c.causal, Lq)
-            a = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(1)  # [B, n, S] head mean
-            u += (torch.gather(vd, 1, rows)[:, :, None] * a).sum(1)  # on the layer's device; one copy per layer
+        u = weighted_attention(c.query, c.key, c.mask, c.scale, c.causal, v[:, : c.query.shape[2]])
         v = 0.5 * u[:, : v.shape[1]].double().cpu() + 0.5 * v
     return v.float()
 
@@ -235,26 +226,15 @@ def ground_inputs(model, inputs: dict, *, method: str = "tag", targets: list[lis
 
 
 # ---------------------------------------------------------------------------------------------- user API
-def _image_token_ids(model, processor) -> set[int]:
-    ids = set()
-    cfg = model.config
-    for name in ("image_token_id", "image_token_index"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int):
-            ids.add(v)
-    v = getattr(processor, "image_token_id", None)
-    if isinstance(v, int):
-        ids.add(v)
-    return ids
-
-
 def locate_query(model, processor, inputs: dict, phrases: Sequence[str]) -> tuple[list[list[int]], list[list[str]]]:
     """Per sample, the positions of the query tokens (content words of the phrase, in the text after the last image
     token) and their decoded text."""
     tok = getattr(processor, "tokenizer", processor)
     ids = inputs["input_ids"]
     am = inputs.get("attention_mask")
-    img = _image_token_ids(model, processor)
+    from ..adapters.base import get_adapter
+
+    img = {get_adapter(model, processor).image_token_id}
     targets, texts = [], []
     for b in range(ids.shape[0]):
         row = ids[b].tolist()
