@@ -127,43 +127,61 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from .errors import VlmplugError
-    from .evaluation import pope as pope_files
-    from .evaluation.runner import MethodSpec, run_pope, write_outputs
+    from .evaluation import benchmarks
+    from .evaluation.base import BenchmarkFilesError
+    from .evaluation.runner import MethodSpec, distributed, run, write_outputs
     from .loading import load
 
-    specs = [MethodSpec.parse(m) for m in args.method]
+    table = benchmarks()
+    if args.bench not in table:
+        print(f"unknown benchmark {args.bench!r}; available: {', '.join(table)}", file=sys.stderr)
+        return 2
+    make, writer = table[args.bench]
+    bench = make(args.seed)
     try:
+        specs = [MethodSpec.parse(m) for m in args.method]
+        extra = dict(_param(p) for p in args.param or [])
         for s in specs:
-            s.check()  # names and parameters, before any model is loaded
-    except VlmplugError as e:
+            if extra and s.name != "none":
+                s.params = {**extra, **s.params}
+            s.check(bench.kind)  # names and parameters, before any model is loaded
+    except (VlmplugError, argparse.ArgumentTypeError) as e:
         print(str(e), file=sys.stderr)
         return 2
+    state = distributed()
+    main_process = state is None or state.is_main_process
     out = Path(args.out)
-    if args.bench == "world-pope":
-        data = Path(args.data) if args.data else out / "world_pope_data"
-        if not (data / "pope_random.jsonl").exists():
-            pope_files.write_world_pope(data, n=args.scenes, seed=args.seed)
-            print(f"wrote world POPE files ({args.scenes} scenes) under {data}")
+    if writer is not None:
+        data = Path(args.data) if args.data else out / f"{args.bench.replace('-', '_')}_data"
+        if main_process and not (data / ".complete").exists():
+            writer(data, n=args.scenes, seed=args.seed)
+            (data / ".complete").write_text(f"scenes={args.scenes} seed={args.seed}\n")
+            print(f"wrote {args.bench} files ({args.scenes} scenes, seed {args.seed}) under {data}")
+        if state is not None:
+            state.wait_for_everyone()
         model_id = args.model or "world"
-    elif args.bench == "pope":
+    else:
         if not args.data or not args.model:
-            print("vlmplug eval pope needs --data (the POPE question files and images/) and --model", file=sys.stderr)
+            print(f"vlmplug eval {args.bench} needs --data (the benchmark's folder: {bench.layout}) and --model",
+                  file=sys.stderr)
             return 2
         data, model_id = Path(args.data), args.model
-    else:
-        print(f"unknown benchmark {args.bench!r}; available: world-pope, pope", file=sys.stderr)
-        return 2
+    splits = args.splits or list(bench.splits)
     try:
-        for split in args.splits:
-            pope_files.read_questions(data, split)
-    except (FileNotFoundError, ValueError) as e:
+        bench.check(data, splits)
+    except (BenchmarkFilesError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2
-    model, processor = load(model_id, dtype=args.dtype)
-    results = run_pope(model, processor, data, specs, out, splits=args.splits, limit=args.limit,
-                       max_new_tokens=args.max_new_tokens, suffix=args.suffix)
-    paths = write_outputs(results, out, args.bench, {"model": model_id, "data": str(data), "limit": args.limit,
-                                                     "methods": [s.label for s in specs], "suffix": args.suffix})
+    model, processor = load(model_id, dtype=args.dtype, **({"device": state.device} if state is not None else {}))
+    results, answers, items = run(bench, model, processor, data, specs, out, splits=splits, limit=args.limit,
+                                  max_new_tokens=args.max_new_tokens, suffix=args.suffix)
+    if not main_process:
+        return 0
+    meta = {"benchmark": args.bench, "model": model_id, "data": str(data), "limit": args.limit, "splits": splits,
+            "methods": [s.label for s in specs], "params": {s.label: s.params for s in specs}, "suffix": args.suffix,
+            "max_new_tokens": args.max_new_tokens or bench.max_new_tokens, "decoding": "greedy",
+            "processes": 1 if state is None else state.num_processes}
+    paths = write_outputs(results, out, args.bench, meta, bench, items, answers)
     print(paths["table"].read_text())
     print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
     return 0
@@ -213,18 +231,21 @@ def main(argv=None) -> int:
     g.add_argument("--dtype", default=None, help="e.g. bfloat16 for real checkpoints")
     g.set_defaults(fn=cmd_ground)
     e = sub.add_parser("eval", help="a benchmark with several methods on identical prompts (greedy, resumable)")
-    e.add_argument("bench", help="world-pope (generated from the embedded scenes) or pope (your POPE files)")
-    e.add_argument("--model", default=None, help='checkpoint id/path (world-pope: "world", the default)')
-    e.add_argument("--data", default=None, help="the benchmark's folder (world-pope: written there if missing)")
+    e.add_argument("bench", help="pope, chair, mme, textvqa, screenspot, vstar (your files: --data, --model) or "
+                                 "world-pope, world-vqa, world-grounding (generated from the embedded scenes)")
+    e.add_argument("--model", default=None, help='checkpoint id/path (world suites: "world", the default)')
+    e.add_argument("--data", default=None, help="the benchmark's folder (world suites: written there if missing)")
     e.add_argument("--method", nargs="+", default=["none"],
-                   help='settings to compare: "none", "fastv", "fastv:keep_ratio=0.25,layer=2", ...')
-    e.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"])
-    e.add_argument("--limit", type=int, default=None, help="first N questions of each split")
-    e.add_argument("--scenes", type=int, default=100, help="world-pope: scenes to draw")
-    e.add_argument("--seed", type=int, default=2024, help="world-pope: scene seed")
+                   help='settings to compare: "none", "fastv", "fastv:keep_ratio=0.25,layer=2", ...; point '
+                        "benchmarks also take the grounding methods tag, raw, relative, rollout")
+    e.add_argument("--param", action="append", help="key=value added to every method but none (repeatable)")
+    e.add_argument("--splits", nargs="+", default=None, help="default: all of the benchmark's")
+    e.add_argument("--limit", type=int, default=None, help="first N items of each split")
+    e.add_argument("--scenes", type=int, default=100, help="world suites: scenes to draw")
+    e.add_argument("--seed", type=int, default=2024, help="world suites: scene seed; chair: image sampling seed")
     e.add_argument("--suffix", default="", help='appended to every question (lmms-eval: "\\nAnswer the question '
                                                  'using a single word or phrase.")')
-    e.add_argument("--max-new-tokens", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's")
     e.add_argument("--out", default="eval_out", help="folder for answers (cached, resumable), JSON, table, plot")
     e.add_argument("--dtype", default=None)
     e.set_defaults(fn=cmd_eval)

@@ -113,7 +113,8 @@ def generate_info(
     passes: dict | None = None,
     **generate_kwargs: Any,
 ) -> dict:
-    """Answer ``prompt`` about the image(s); returns ``dict(text, seconds, prompt_tokens, new_tokens)``.
+    """Answer ``prompt`` about the image(s); returns ``dict(text, seconds, prompt_tokens, image_tokens, new_tokens)``
+    (``image_tokens``: the image placeholders in the prompt, before any method drops some).
 
     ``image_or_images``: a PIL image, a path, a list of them, or None. ``methods`` (optional) is anything
     ``vlmplug.apply`` accepts (a name, a config, a list); ``method_params`` are keyword parameters for a method given
@@ -139,6 +140,7 @@ def generate_info(
             method_params = None
     inputs = prepare_inputs(model, processor, images, prompt)
     prompt_len = int(inputs["input_ids"].shape[1])
+    image_tokens = _count_image_tokens(model, inputs)
     if second is not None:
         from vlmplug.guidance import PassMix
         from transformers import LogitsProcessorList
@@ -151,7 +153,8 @@ def generate_info(
         mixer = PassMix(model, prepare_inputs(model, processor, _load_images(second.get("image")), second["prompt"]),
                         mix=second.get("mix"), label=second.get("label", "second"))
         generate_kwargs = dict(generate_kwargs)
-        generate_kwargs["logits_processor"] = LogitsProcessorList([*generate_kwargs.get("logits_processor", []), mixer])
+        # the mixed pass is part of the model's scores: before any processor the caller gave
+        generate_kwargs["logits_processor"] = LogitsProcessorList([mixer, *generate_kwargs.get("logits_processor", [])])
     results = None
     if methods is not None:
         from vlmplug.api import apply  # lazy: the pipeline works without any method machinery
@@ -163,8 +166,8 @@ def generate_info(
                 from transformers import LogitsProcessorList
 
                 generate_kwargs = dict(generate_kwargs)
-                generate_kwargs["logits_processor"] = LogitsProcessorList(
-                    [*generate_kwargs.get("logits_processor", []), *extra])
+                generate_kwargs["logits_processor"] = LogitsProcessorList(  # the methods' scores first, as above
+                    [*extra, *generate_kwargs.get("logits_processor", [])])
             start = time.perf_counter()  # generation only: patching is a one-off cost
             out = _run_generate(model, inputs, generate_kwargs)
             seconds = time.perf_counter() - start
@@ -190,7 +193,19 @@ def generate_info(
         results = dict(results or {})
         results[refine[0].name] = {**{k: v for k, v in refined.items() if k != "images"}, "seconds": refine_seconds}
         seconds += refine_seconds
-    return dict(text=text, seconds=seconds, prompt_tokens=prompt_len, new_tokens=n_new, stats=stats, results=results)
+    return dict(text=text, seconds=seconds, prompt_tokens=prompt_len, image_tokens=image_tokens, new_tokens=n_new,
+                stats=stats, results=results)
+
+
+def _count_image_tokens(model: Any, inputs: dict) -> int | None:
+    """Image placeholder tokens in the (first) prompt: what the LLM would see without any method."""
+    cfg = getattr(model, "config", None)
+    tid = getattr(cfg, "image_token_id", None)
+    if tid is None:
+        tid = getattr(cfg, "image_token_index", None)
+    if tid is None:
+        return None
+    return int((inputs["input_ids"][0] == int(tid)).sum())
 
 
 def pipeline_methods() -> dict:

@@ -15,6 +15,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from .base import Benchmark, BenchmarkFilesError
+
 SPLITS = ("random", "popular", "adversarial")
 
 
@@ -60,19 +62,41 @@ def write_world_pope(out: Path, n: int = 100, seed: int = 2024, size: int = 64) 
     return out
 
 
+class POPE(Benchmark):
+    """POPE's own files: data/pope_{random,popular,adversarial}.jsonl (one json per line: question_id, image, text,
+    label) and the images under data/images (COCO val2014 for the real benchmark)."""
+
+    name = "pope"
+    splits = SPLITS
+    max_new_tokens = 8
+    headline = "f1"
+    columns = (("accuracy", "accuracy", 100.0), ("precision", "precision", 100.0), ("recall", "recall", 100.0),
+               ("f1", "F1", 100.0), ("yes_ratio", "yes ratio", 100.0))
+    layout = "DATA/pope_{random,popular,adversarial}.jsonl (question_id, image, text, label per line), DATA/images/"
+
+    def read(self, data: Path, split: str) -> list[dict]:
+        path = question_file(data, split)
+        if not path.exists():
+            raise self.missing(path, "its question file")
+        items = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BenchmarkFilesError(f"pope: {path} line {n} is not JSON ({e})") from None
+            self.need(r, ("question_id", "image", "text", "label"), f"{path} line {n}")
+            items.append({"question_id": r["question_id"], "text": r["text"], "label": r["label"],
+                          "images": [self.image(Path(data) / "images" / r["image"], f"{path} line {n}")]})
+        return items
+
+    def score(self, items: list[dict], answers: list[dict]) -> dict:
+        from ..metrics import pope
+
+        return pope([a["text"] for a in answers], [it["label"] for it in items])
+
+
 def read_questions(data: Path, split: str) -> list[dict]:
-    """The split's questions, checked: each needs question_id, image, text, label and its image file."""
-    path = question_file(data, split)
-    if not path.exists():
-        raise FileNotFoundError(f"POPE expects its question file {path} (one json per line: question_id, image, text, "
-                                f"label) and the images under {Path(data) / 'images'}; make world files with "
-                                "`vlmplug eval world-pope`")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for r in rows:
-        missing = {"question_id", "image", "text", "label"} - set(r)
-        if missing:
-            raise ValueError(f"{path}: question {r.get('question_id')} lacks {sorted(missing)}")
-        if not (Path(data) / "images" / r["image"]).exists():
-            raise FileNotFoundError(f"{path}: question {r['question_id']} names image {r['image']}, not found under "
-                                    f"{Path(data) / 'images'}")
-    return rows
+    """The split's items, checked (each needs question_id, image, text, label and its image file)."""
+    return POPE().read(data, split)
