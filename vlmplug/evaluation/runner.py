@@ -168,7 +168,7 @@ def _answer_choice(model, processor, bench: Benchmark, item: dict, spec: MethodS
         force = Force(ids)
         info = generate_info(model, processor, item["images"], bench.prompt(item, suffix),
                              methods=None if spec.name == "none" else spec.name, method_params=spec.params or None,
-                             max_new_tokens=len(ids), min_new_tokens=len(ids), repetition_penalty=1.0,
+                             max_new_tokens=len(ids), repetition_penalty=1.0,
                              logits_processor=LogitsProcessorList([force]))
         means.append(sum(force.logp) / len(force.logp))
         seconds += info["seconds"]
@@ -228,6 +228,8 @@ def answer_all(model, processor, bench: Benchmark, items: list[dict], spec: Meth
     done = _read_cache(cache)
     todo = [it for it in items if _key(it["question_id"]) not in done]
     mine = todo[rank::world]
+    if state is not None:
+        state.wait_for_everyone()  # every process has read the cache before any writes to it
     part = cache if world == 1 else cache.with_name(f"{cache.stem}.part{rank}.jsonl")
     answer = ANSWER[bench.kind]
     new = []
