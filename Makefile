@@ -9,7 +9,7 @@ LOCK := requirements/lock.txt
 TORCH_SPEC ?= torch==2.13.0
 PYTEST := HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -p no:cacheprovider
 
-.PHONY: install run test test-compat test-latest lock bench clean
+.PHONY: install run test test-compat test-latest test-lmms lock bench clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -60,6 +60,22 @@ test-latest: $(STAMP)
 	  touch $$dir/.ok; \
 	fi; \
 	PYTHONPATH=$$dir $(PYTEST)
+
+# The lmms-eval plugin's tests with lmms-eval installed (beside the venv, like test-compat: the extra is heavy and
+# `make test` skips these tests without it). lmms-eval 0.7.3, the newest on the registry, imports filelock._api,
+# which filelock 4 removed: filelock 3 goes beside it. torchvision, which lmms-eval declares but the plugin's path
+# never imports, has no CPU build here: --no-deps for lmms-eval itself, its imported dependencies by name.
+LMMS_EVAL ?= 0.7.3
+LMMS_DIR := .compat/lmms-eval-$(LMMS_EVAL)
+$(LMMS_DIR)/.ok: $(STAMP)
+	rm -rf $(LMMS_DIR)
+	$(VPY) -m pip install -q --no-deps --target $(LMMS_DIR) "lmms-eval==$(LMMS_EVAL)" "filelock<4"
+	$(VPY) -m pip install -q --target $(LMMS_DIR) -c $(LOCK) pytz loguru sacrebleu datasets evaluate tenacity pytablewriter
+	rm -rf $(LMMS_DIR)/filelock-4* && $(VPY) -m pip install -q --no-deps --upgrade --target $(LMMS_DIR) "filelock<4"
+	touch $@
+
+test-lmms: $(LMMS_DIR)/.ok
+	PYTHONPATH=$(LMMS_DIR) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) -m pytest tests/test_lmms_plugin.py -p no:cacheprovider -rs
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) eval/bench_backend.py

@@ -36,7 +36,7 @@ import torch
 
 from vlmplug.compat import with_cache
 
-DEFAULT_METHODS = ("fastv", "visionzip", "hiprune", "flowcut", "cluster", "plphp")
+DEFAULT_METHODS = ("fastv", "visionzip", "hiprune", "flowcut", "cluster", "plphp", "random", "pool")  # the last two: baselines
 
 
 def _sync(device):

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ("fastv", "plphp", "visionzip", "hiprune", "flowcut", "cluster")
+METHODS = ("fastv", "plphp", "visionzip", "hiprune", "flowcut", "cluster", "random", "pool")  # the last two: baselines
 
 
 def method_params(name: str, ratio: float, model) -> dict:

@@ -328,6 +328,7 @@ def test_outputs_and_exports(tmp_path, monkeypatch):
 def test_vstar_choice_equals_teacher_forced_likelihood(world, tmp_path):
     """The option scores forced through generate equal one forward over prompt + option + EOS (the official
     rule's ingredients), and the choice is the option with the highest mean log-probability."""
+    from vlmplug.evaluation.likelihood import continuation_ids
     from vlmplug.pipeline import prepare_inputs
 
     model, processor = world
@@ -340,7 +341,7 @@ def test_vstar_choice_equals_teacher_forced_likelihood(world, tmp_path):
             ref = []
             for option in it["options"]:
                 inputs = prepare_inputs(model, processor, it["images"], it["text"])
-                ids = tok(option, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                ids = continuation_ids(processor, it["text"], 1, option) + [tok.eos_token_id]
                 n = inputs["input_ids"].shape[1]
                 inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([ids])], 1)
                 inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])

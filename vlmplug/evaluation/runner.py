@@ -143,34 +143,19 @@ def _answer_choice(model, processor, bench: Benchmark, item: dict, spec: MethodS
                    max_new_tokens: int) -> dict:
     """Each option's mean log-probability as the answer (its tokens, then end of turn), forced through generate;
     the choice is the most likely option (the official V* rule: lowest mean cross-entropy)."""
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    from ..pipeline import generate_info
-
-    class Force(LogitsProcessor):
-        def __init__(self, ids):
-            self.ids, self.logp = ids, []
-
-        def __call__(self, input_ids, scores):
-            i = len(self.logp)
-            self.logp.append(float(torch.log_softmax(scores[0].float(), -1)[self.ids[i]]))
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.ids[i]] = 0.0
-            return forced
+    from .likelihood import continuation_ids, score_continuation
 
     tok = getattr(processor, "tokenizer", processor)
+    prompt = bench.prompt(item, suffix)
     means, seconds, info = [], 0.0, {}
     for option in item["options"]:
-        ids = tok(option, add_special_tokens=False)["input_ids"]
+        ids = continuation_ids(processor, prompt, len(item["images"]), option)
         if tok.eos_token_id is not None:
             ids = [*ids, tok.eos_token_id]
-        force = Force(ids)
-        info = generate_info(model, processor, item["images"], bench.prompt(item, suffix),
-                             methods=None if spec.name == "none" else spec.name, method_params=spec.params or None,
-                             max_new_tokens=len(ids), repetition_penalty=1.0,
-                             logits_processor=LogitsProcessorList([force]))
-        means.append(sum(force.logp) / len(force.logp))
+        logp, _, info = score_continuation(model, processor, item["images"], prompt, ids,
+                                           methods=None if spec.name == "none" else spec.name,
+                                           method_params=spec.params or None)
+        means.append(sum(logp) / len(logp))
         seconds += info["seconds"]
     choice = max(range(len(means)), key=lambda i: (means[i], -i))
     return {"text": item["options"][choice], "choice": choice, "option_logprobs": means, "seconds": seconds,
