@@ -25,3 +25,8 @@ class TransformersMismatchError(VlmplugError, RuntimeError):
     """The running transformers passed something vlmplug could not read, or a method's hook did not act.
 
     Raised during a forward instead of returning an answer that silently lacks the method's effect."""
+
+
+class InputError(VlmplugError, ValueError):
+    """An image or prompt the pipeline cannot use (not an image, a prompt that holds image placeholders itself);
+    nothing was run and nothing was patched."""

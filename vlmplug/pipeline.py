@@ -24,16 +24,47 @@ def _load_images(image_or_images: Any) -> list:
     out = []
     for item in items:
         if isinstance(item, (str, Path)):
-            with Image.open(item) as im:
-                item = im.convert("RGB")
-        elif isinstance(item, Image.Image) and item.mode != "RGB":
-            item = item.convert("RGB")
+            from PIL import UnidentifiedImageError
+
+            from vlmplug.errors import InputError
+
+            try:
+                with Image.open(item) as im:
+                    item = im.convert("RGB")
+            except FileNotFoundError:
+                raise InputError(f"image file {str(item)!r} does not exist") from None
+            except (UnidentifiedImageError, IsADirectoryError, OSError) as e:
+                raise InputError(f"{str(item)!r} is not an image PIL can read ({type(e).__name__}: {e})") from None
+        elif isinstance(item, Image.Image):
+            if item.mode != "RGB":
+                item = item.convert("RGB")
+        else:
+            from vlmplug.errors import InputError
+
+            raise InputError(f"an image is a PIL image or a file path; got {type(item).__name__}")
         out.append(item)
     return out
 
 
+def _image_placeholders(processor: Any) -> list[str]:
+    """The strings a processor expands into image tokens (LLaVA's "<image>", Qwen's "<|image_pad|>", ...)."""
+    found = set()
+    for obj in (processor, getattr(processor, "tokenizer", None)):
+        for name, value in (vars(obj).items() if hasattr(obj, "__dict__") else ()):
+            if (name.endswith("_token") and isinstance(value, str) and value
+                    and ("image" in name or "video" in name or "image" in value.lower())):
+                found.add(value)
+    return sorted(found)
+
+
 def build_prompt(processor: Any, prompt: str, n_images: int) -> str:
     """The text fed to the processor: the chat template with ``n_images`` image slots and the question."""
+    for placeholder in _image_placeholders(processor):
+        if placeholder in prompt:
+            from vlmplug.errors import InputError
+
+            raise InputError(f"the prompt holds the image placeholder {placeholder!r}; vlmplug puts one in for each "
+                             "image it is given: remove it from the text and pass the images (a list for several)")
     template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
     if template:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
@@ -127,6 +158,7 @@ def generate_info(
     contrastive decoding): ``dict(prompt=..., image=None or images, mix=callable or None (CFG, gamma 1),
     label="second")``. ``passes`` limits methods to passes, as in ``vlmplug.apply`` (e.g. ``{"fastv": ["second"]}``).
     """
+    _check_generate_kwargs(methods, generate_kwargs)
     images = _load_images(image_or_images)
     methods, refine = _split_pipeline(methods, method_params)
     refined = None
@@ -213,6 +245,30 @@ def pipeline_methods() -> dict:
     from vlmplug.grounding import carve, vicrop
 
     return {"vicrop": (vicrop.ViCrop, vicrop.run), "carve": (carve.CARVE, carve.run)}
+
+
+def _check_generate_kwargs(methods: Any, generate_kwargs: dict) -> None:
+    """A method's parameter given as a generate() keyword (``generate(..., methods="fastv", keep_ratio=0.5)``) would
+    reach transformers as an unknown model kwarg: say where it goes instead."""
+    if methods is None or not generate_kwargs:
+        return
+    import dataclasses
+
+    from vlmplug.registry import method_registry
+
+    classes = {**method_registry(), **{n: c for n, (c, _) in pipeline_methods().items()}}
+    names = [m for m in (methods if isinstance(methods, (list, tuple)) else [methods]) if isinstance(m, str)]
+    for name in names:
+        cls = classes.get(name)
+        if cls is None or not dataclasses.is_dataclass(cls):
+            continue
+        misplaced = sorted(set(generate_kwargs) & {f.name for f in dataclasses.fields(cls)})
+        if misplaced:
+            from vlmplug.errors import MethodConfigError
+
+            given = ", ".join(f"{k!r}: {generate_kwargs[k]!r}" for k in misplaced)
+            raise MethodConfigError(f"{', '.join(misplaced)} {'is a parameter' if len(misplaced) == 1 else 'are parameters'}"
+                                    f" of {name}, not of generate(): pass method_params={{{given}}}")
 
 
 def _split_pipeline(methods: Any, params: dict | None):

@@ -228,6 +228,13 @@ class Session:
             if compat.read(kwargs, "pixel_values") is not None:
                 self.features.pending_meta = None  # this forward encodes its own images
             am = compat.read(kwargs, "attention_mask")
+            if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[1] > 1 and bool((am[:, 1:] < am[:, :-1]).any()):
+                from .errors import InputError
+
+                raise InputError(  # the methods read each prompt's end at the last position, as generate() does
+                    f"{[m.name for m in self.methods]}: this batch is right-padded (a sample's attention_mask ends in "
+                    "0s); vlmplug reads each prompt's last token at the last position, as generate() does: pad on the "
+                    "left (processor.tokenizer.padding_side = 'left')")
             st.begin_prompt(ids, am if isinstance(am, torch.Tensor) and am.dim() == 2 else None, q_len or 0, sizes,
                             self.drop_layer)
         else:
