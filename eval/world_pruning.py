@@ -27,8 +27,7 @@ def method_params(name: str, ratio: float, model) -> dict:
         p["layer"] = min(2, n_text - 1)
     if name == "plphp":
         p["start_layer"] = min(2, n_text - 1)
-    if name == "hiprune":  # the paper's object layer sits at ~3/8 of CLIP-L's depth
-        p["object_layer"] = max(1, round(model.config.vision_config.num_hidden_layers * 9 / 24)) - 1  # 0-based
+    # hiprune: its default object layer scales the paper's 9th of 24 to the tower (index 1 of the world's 5 layers)
     return p
 
 

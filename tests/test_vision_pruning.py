@@ -628,3 +628,31 @@ def test_bf16_generate_keeps_the_budget(fam, meth):
         kept = h.stats[meth]["tokens_kept_per_image"]
     assert kept == [[3], [3, 3]]
     assert all(torch.isfinite(l.float()).all() for l in g.logits)
+
+
+def test_hiprune_default_object_layer_follows_the_official_code_scaled_to_the_tower():
+    """None -> the official layer for the family (Qwen2.5-VL: the 16th of 32), else the paper's 9th of CLIP-L's 24,
+    scaled to the tower's depth; 0-based. Hand values: CLIP-L 24 -> 8, Qwen2.5-VL 32 -> 15, the world model's 5 -> 1
+    (round(1.875) = 2, the 2nd layer), Gemma 3's SigLIP 27 -> 9 (round(10.125) = 10), a 2-layer tiny tower -> 0."""
+    from vlmplug.methods.pruning.hiprune import default_object_layer
+
+    assert default_object_layer("llava", 24) == 8
+    assert default_object_layer("qwen2_5_vl", 32) == 15
+    assert default_object_layer("llava", 5) == 1
+    assert default_object_layer("gemma3", 27) == 9
+    assert default_object_layer("llava", 2) == 0 and default_object_layer("qwen2_5_vl", 1) == 0
+
+
+def test_hiprune_runs_with_its_defaults_on_the_world_model():
+    from vlmplug.pipeline import generate_info
+    from vlmplug.world import load_world, sample_scene
+
+    model, processor = load_world()
+    image, meta = sample_scene()
+    info = generate_info(model, processor, image, meta["question"], methods="hiprune",
+                         method_params={"keep_ratio": 0.5})
+    assert sum(info["stats"]["hiprune"]["tokens_kept_per_image"][0]) == 32
+    # the default is the explicit layer 1 (the 2nd of 5)
+    explicit = generate_info(model, processor, image, meta["question"], methods="hiprune",
+                             method_params={"keep_ratio": 0.5, "object_layer": 1})
+    assert info["text"] == explicit["text"]

@@ -2,8 +2,11 @@
 
 Per crop, with a budget of N' tokens:
 - anchors: the top round(N' * alpha / 5) tokens by the mean attention they receive at an
-  object-centric middle layer (`object_layer`, 0-based like every layer index in vlmplug: default 8, the
-  paper's 9th layer of CLIP-L; negative counts from the end);
+  object-centric middle layer (`object_layer`, 0-based like every layer index in vlmplug; negative counts from the
+  end). Default (None): the official code's layer where it has one for the tower, scaled to the tower's depth
+  elsewhere: the 9th of CLIP-L's 24 layers (index 8) for LLaVA, i.e. round(9/24 * depth) - 1 on any tower (index 1
+  on the embedded world model's 5 layers, 9 on Gemma 3's 27-layer SigLIP); for Qwen2.5-VL the official 16th of 32
+  (index 15), i.e. round(depth / 2) - 1;
 - buffers: each anchor's 4 neighbours (+-1, +-W in the flattened grid, clamped; as in the official
   code the +-1 step may cross a row edge);
 - registers: the rest of the budget from the highest mean attention at the deep (feature) layer,
@@ -51,6 +54,19 @@ def hiprune_select(obj: torch.Tensor, deep: torch.Tensor, width: int, k: int, al
     return torch.cat([torch.tensor(chosen, dtype=torch.long), regs]).sort().values
 
 
+#: the object layer of the official code, 1-based, of the tower depth it was set for (Danielement321/HiPrune@6e83a12:
+#: HIPRUNE_OBJECT_LAYER 9 for LLaVA's CLIP-L, 16 in Qwen2_5_VL/qwen2_5_vl_HiPrune.py)
+OFFICIAL_OBJECT_LAYER = {"qwen2_5_vl": (16, 32)}
+PAPER_OBJECT_LAYER = (9, 24)
+
+
+def default_object_layer(model_type: str, depth: int) -> int:
+    """0-based object layer for a vision tower of `depth` layers: the official layer for the family, scaled to the
+    depth at hand (equal to it on the real tower), else the paper's 9th of 24."""
+    layer, of = OFFICIAL_OBJECT_LAYER.get(model_type, PAPER_OBJECT_LAYER)
+    return min(depth - 1, max(0, round(layer * depth / of) - 1))
+
+
 @register_method("hiprune")
 @dataclass(frozen=True)
 class HiPrune(MethodConfig):
@@ -58,12 +74,13 @@ class HiPrune(MethodConfig):
 
     keep_ratio: float | None = None
     keep_tokens: int | None = None
-    object_layer: int = 8
+    object_layer: int | None = None
     alpha: float = 0.1
 
     def __post_init__(self):
         init_budget(self)
-        if isinstance(self.object_layer, bool) or not isinstance(self.object_layer, int):
+        if self.object_layer is not None and (isinstance(self.object_layer, bool)
+                                              or not isinstance(self.object_layer, int)):
             raise MethodConfigError(f"hiprune: object_layer={self.object_layer!r} must be one vision layer index (0-based)")
         check_range("hiprune", "alpha", self.alpha, 0.0, 1.0)
 
@@ -75,7 +92,10 @@ class HiPruneRunner(VisionScores, PreLLMSelection):
     def setup(self, adapter):
         PreLLMSelection.setup(self, adapter)
         grid = adapter.vision_grid()
-        obj = resolve("hiprune", "object_layer", self.object_layer, grid.num_layers, "vision layers")[0] if grid else 0
+        layer = self.object_layer
+        if layer is None and grid is not None:
+            layer = default_object_layer(getattr(adapter.config, "model_type", ""), grid.num_layers)
+        obj = resolve("hiprune", "object_layer", layer, grid.num_layers, "vision layers")[0] if grid else 0
         deep = grid.feature_layer if grid is not None else -1
         self._obj = obj
         self._setup_vision(adapter, {obj: "mean", deep: "mean"})
