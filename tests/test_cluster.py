@@ -32,11 +32,19 @@ def np_kmeans(x, k, iters):
         if (new == assign).all():
             break
         assign = new
+    # an empty cluster takes the token least similar to its centre among clusters of two or more (earliest on ties)
+    sim_all = (xn * c[assign]).sum(1)
+    for j in range(k):
+        counts = np.bincount(assign, minlength=k)
+        if counts[j]:
+            continue
+        cand = np.where(counts[assign] > 1, sim_all, np.inf)
+        i = int(np.argmin(cand))
+        assign[i], c[j], sim_all[i] = j, xn[i], 1.0
     reps, merged = [], {}
     for j in range(k):
         members = np.nonzero(assign == j)[0]
-        if len(members) == 0:
-            continue
+        assert len(members), "every cluster has a member"
         sims = (xn[members] * c[j]).sum(1)
         rep = members[np.nonzero(sims >= sims.max() - 1e-9)[0][0]]
         reps.append(int(rep))
@@ -98,3 +106,28 @@ def test_padded_batch_equals_each_sample_alone(fam):
             alone = model(**single.inputs).logits[:, -1]
             assert (alone[0] - together[b]).abs().max() <= 1e-4
             assert torch.equal(model.generate(**single.inputs, **GEN)[0, -4:], gt[b, -4:])
+
+
+def test_identical_tokens_still_give_k_clusters():
+    """Three identical rows and one other, k = 3: the farthest-point start picks row 0 twice, so one cluster starts
+    empty; it takes row 0 (every row of the big cluster is equally close to its centre: the earliest), and the
+    image keeps exactly 3 tokens: {1, 2}, {3}, {0}."""
+    from vlmplug.methods.pruning.cluster import cosine_kmeans, fill_empty
+
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assign, _ = cosine_kmeans(x, 3, 10)
+    assert len(torch.unique(assign)) == 2  # the empty cluster, before the fill
+    filled, sim = fill_empty(*cosine_kmeans(x, 3, 10), 3)
+    assert filled.tolist() == [2, 0, 0, 1] and sim[0] == 1.0
+    reps, _ = np_kmeans(x.double().numpy(), 3, 10)
+    assert len(reps) == 3
+
+
+def test_the_runner_keeps_k_tokens_when_a_cluster_would_be_empty():
+    """The runner itself on an image whose features hold identical rows (a flat region): k kept rows, each merged
+    token the mean of its members (here: the empty-start cluster's row 0 alone, {1, 2}, {3})."""
+    runner = Cluster(keep_tokens=3).build()
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    rows, new = runner.select(x.clone(), None, 0, None)
+    assert sorted(rows.tolist()) == [0, 1, 3]
+    torch.testing.assert_close(new[rows], x[rows])

@@ -5,7 +5,9 @@ in two-member clusters: the earliest position).
 
 Clustering: cosine k-means with a deterministic farthest-point initialisation (first centre: row 0;
 then the row least similar to every chosen centre) and `iters` Lloyd steps. The paper publishes no
-code; the initialisation and iteration count are ours.
+code; the initialisation and iteration count are ours, and so is the rule for an empty cluster (identical tokens,
+or a Lloyd step emptying one): it takes the token least similar to its centre among the clusters with more than one
+member, as a cluster of its own, so an image always keeps exactly k tokens.
 """
 from __future__ import annotations
 
@@ -57,6 +59,20 @@ def cosine_kmeans(x: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tenso
     return assign, sim.gather(1, assign[:, None]).squeeze(1)
 
 
+def fill_empty(assign: torch.Tensor, sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give every empty cluster (ids 0..k-1 with no member) one token: the least similar to its centre among the
+    tokens of clusters with more than one member (ties: the earliest position). Needs at least k tokens."""
+    assign, sim = assign.clone(), sim.clone()
+    for c in range(k):
+        counts = torch.bincount(assign, minlength=k)
+        if counts[c] > 0:
+            continue
+        movable = counts[assign] > 1
+        i = int(torch.argmin(torch.where(movable, sim, torch.full_like(sim, float("inf")))))
+        assign[i], sim[i] = c, 1.0  # alone in its cluster: it is its centre
+    return assign, sim
+
+
 @register_method("cluster")
 @dataclass(frozen=True)
 class Cluster(MethodConfig):
@@ -82,7 +98,7 @@ class ClusterRunner(PreLLMSelection):
             return torch.arange(n), None
         if k == 0:
             return torch.zeros(0, dtype=torch.long), None
-        assign, sim = cosine_kmeans(x, k, self.iters)
+        assign, sim = fill_empty(*cosine_kmeans(x, k, self.iters), k)
         xd = x.double()
         counts = torch.bincount(assign, minlength=k)
         used = torch.nonzero(counts).flatten()
