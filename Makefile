@@ -9,7 +9,7 @@ LOCK := requirements/lock.txt
 TORCH_SPEC ?= torch==2.13.0
 PYTEST := HF_HUB_OFFLINE=1 $(VPY) -m pytest tests -x -p no:cacheprovider
 
-.PHONY: install run test test-compat test-latest test-lmms lock bench clean
+.PHONY: install run test test-compat test-latest test-lmms lock bench clean browser
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -76,6 +76,15 @@ $(LMMS_DIR)/.ok: $(STAMP)
 
 test-lmms: $(LMMS_DIR)/.ok
 	PYTHONPATH=$(LMMS_DIR) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VPY) -m pytest tests/test_lmms_plugin.py -p no:cacheprovider -rs
+
+# Debian's Chromium and its ChromeDriver for the demo's browser test (tests/test_demo_browser.py, which skips without
+# them unless VLMPLUG_REQUIRE_BROWSER=1, as in CI). Installed from the distribution, never downloaded by a driver.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+browser:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then echo "browser: $$($(CHROMIUM) --version)"; else \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver fonts-dejavu-core >/dev/null && $(CHROMIUM) --version; fi
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) eval/bench_backend.py

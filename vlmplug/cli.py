@@ -196,6 +196,12 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo.app import run
+
+    return run(args)
+
+
 def cmd_models(args) -> int:
     from .api import supported_models
 
@@ -251,6 +257,11 @@ def main(argv=None) -> int:
     e.set_defaults(fn=cmd_eval)
     sub.add_parser("methods", help="list methods").set_defaults(fn=cmd_methods)
     sub.add_parser("models", help="list supported model types").set_defaults(fn=cmd_models)
+    d = sub.add_parser("demo", help="compare methods side by side in the browser (needs the demo extra: gradio)")
+    from .demo.app import add_arguments as add_demo_arguments
+
+    add_demo_arguments(d)
+    d.set_defaults(fn=cmd_demo)
     args = p.parse_args(argv)
     if not getattr(args, "fn", None):
         p.print_help()

@@ -7,6 +7,7 @@ protocol a runner implements.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass, fields
@@ -14,9 +15,15 @@ from typing import Any, ClassVar
 
 from ..errors import MethodConfigError
 
+#: while `param_specs` builds a config: a list the checks below append (parameter, bounds / choices) to
+_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("vlmplug_param_recorder", default=None)
+
 
 def check_range(method: str, name: str, value, lo=None, hi=None, kind=(int, float)) -> None:
     """Raise MethodConfigError naming the parameter, the value and the allowed range."""
+    rec = _RECORDER.get()
+    if rec is not None:
+        rec.append(("range", name, (lo, hi, kind)))
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
         raise MethodConfigError(f"{method}: {name}={value!r} must be a finite number in [{lo}, {hi}]")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -24,8 +31,134 @@ def check_range(method: str, name: str, value, lo=None, hi=None, kind=(int, floa
 
 
 def check_choice(method: str, name: str, value, choices) -> None:
+    rec = _RECORDER.get()
+    if rec is not None:
+        rec.append(("choice", name, tuple(choices)))
     if value not in choices:
         raise MethodConfigError(f"{method}: {name}={value!r} is not allowed; choose one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a method config, as a form shows it (see `param_specs`).
+
+    kind: "float" / "int" (bounds `lo` / `hi`, None where open), "bool", "choice" (`choices`), "text" (a free string)
+    or "literal" (anything else: a Python literal, e.g. a layer selection "2:" or a list). default: the field's
+    declared default; value: what a default-built config holds (a default filled in by __post_init__, e.g. FastV's
+    keep_ratio 0.5). optional: None is accepted. exclusive: the parameters given instead of this one.
+    """
+
+    name: str
+    kind: str
+    default: Any = None
+    value: Any = None
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple | None = None
+    optional: bool = False
+    exclusive: tuple[str, ...] = ()
+    annotation: str = ""
+
+    @property
+    def closed(self) -> bool:
+        """Both bounds known (a slider fits)."""
+        return self.lo is not None and self.hi is not None
+
+
+def _type_names(annotation) -> set[str]:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    out = {"None"} if "Optional[" in text else set()
+    for part in text.replace("Optional[", "").replace("]", "").split("|"):
+        part = part.strip()
+        out.add(part.split("[")[0] if part else part)
+    return out
+
+
+def _probe_values(types: set[str]) -> list:
+    """Values to build a config with so that checks run only for a given value (Optional fields) are reached."""
+    out = []
+    if "float" in types:
+        out += [0.5, 1.0]
+    if "int" in types:
+        out += [1, 2]
+    return out
+
+
+def _record(cls, **params) -> tuple[Any, list]:
+    """Build cls(**params) while recording the checks it runs: (the config or None where it refused, records)."""
+    rec: list = []
+    token = _RECORDER.set(rec)
+    try:
+        try:
+            obj = cls(**params)
+        except (MethodConfigError, TypeError, ValueError):
+            obj = None
+    finally:
+        _RECORDER.reset(token)
+    return obj, rec
+
+
+def param_specs(cls) -> list[ParamSpec]:
+    """Every init field of a config dataclass (a `MethodConfig` or ViCrop / CARVE) with its kind, default and
+    allowed values, found by building the config and recording the bounds `check_range` / `check_choice` are
+    called with: with the defaults, then for each Optional field not yet seen, with a probe value (a check that
+    refuses the probe has still recorded its bounds). Forms build their widgets from these, so a new method
+    needs no form code. Fields no check bounds get "int" / "float" / "bool" / "text" from their annotation, else
+    "literal"."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"param_specs takes a config dataclass, got {cls!r}")
+    init = [f for f in fields(cls) if f.init]
+    ranges: dict[str, tuple] = {}
+    choices: dict[str, tuple] = {}
+
+    def note(records):
+        for what, name, info in records:
+            (ranges if what == "range" else choices).setdefault(name, info)
+
+    base, rec = _record(cls)
+    note(rec)
+    for f in init:
+        types = _type_names(f.type)
+        if f.name in ranges or f.name in choices or "None" not in types:
+            continue
+        for probe in _probe_values(types):
+            _, rec = _record(cls, **{f.name: probe})
+            note(rec)
+            if f.name in ranges or f.name in choices:
+                break
+    groups = [g for g in getattr(cls, "exclusive", ()) if all(n in {f.name for f in init} for n in g)]
+    out = []
+    for f in init:
+        types = _type_names(f.type)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        value = getattr(base, f.name) if base is not None else default
+        spec = dict(name=f.name, default=default, value=value, optional="None" in types,
+                    exclusive=tuple(n for g in groups if f.name in g for n in g if n != f.name),
+                    annotation=f.type if isinstance(f.type, str) else str(f.type))
+        if f.name in choices:
+            spec.update(kind="choice", choices=choices[f.name])
+        elif f.name in ranges:
+            lo, hi, kind = ranges[f.name]
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            is_int = float not in kinds or not (types & {"float"})
+            spec.update(kind="int" if is_int else "float", lo=lo, hi=hi)
+        elif types - {"None"} == {"bool"}:
+            spec.update(kind="bool")
+        elif types - {"None"} == {"int"}:
+            spec.update(kind="int")
+        elif types - {"None"} <= {"float", "int"} and types - {"None"}:
+            spec.update(kind="float")
+        elif types - {"None"} == {"str"}:
+            spec.update(kind="text")
+        else:
+            spec.update(kind="literal")
+        out.append(ParamSpec(**spec))
+    return out
 
 
 def _plain(value):
