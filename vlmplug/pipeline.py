@@ -82,7 +82,10 @@ def prepare_inputs(model: Any, processor: Any, image_or_images: Any, prompt: str
     text = build_prompt(processor, prompt, len(images))
     kwargs: dict[str, Any] = dict(text=text, return_tensors="pt")
     if images:
-        kwargs["images"] = images
+        # one list for the one prompt, as prepare_batch passes one per sample: a flat list is a batch of single-image
+        # samples to LlavaOnevisionProcessor (anyres for each image, batch_num_images one per image), a nested one is
+        # one multi-image sample (base grids); every other processor reads both the same
+        kwargs["images"] = [images]
     inputs = processor(**kwargs)
     device = getattr(model, "device", None)
     dtype = getattr(model, "dtype", None)
