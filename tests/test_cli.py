@@ -59,3 +59,46 @@ def test_ground_reports_bad_input(tmp_path, capsys):
     assert main(["ground", "--image", str(good), "--query", "What color is the circle?", "--layers", "99",
                  "--out", str(tmp_path / "h.png")]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_run_errors_are_one_line_and_exit_2_before_any_work(tmp_path, monkeypatch, capsys):
+    """As a newcomer meets them: a parameter out of range, a file that is not an image, a model id that is not in
+    the local cache, an unknown method: one line from the library (no traceback), exit 2, and no model loaded for
+    what can be checked without one."""
+    import vlmplug.loading
+
+    loads = []
+    real_load = vlmplug.loading.load
+    monkeypatch.setattr(vlmplug.loading, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    assert main(["run", "--method", "fastv", "--param", "keep_ratio=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "keep_ratio=2" in err and "Traceback" not in err
+    assert main(["run", "--method", "fastvv"]) == 2
+    assert "unknown method 'fastvv'" in capsys.readouterr().err
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["run", "--image", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not an image PIL can read" in err
+    assert main(["run", "--image", str(tmp_path / "missing.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert loads == []  # none of these loaded a model
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["run", "--model", "nobody/not-a-cached-model", "--image", str(tmp_path / "x.png"), "--prompt", "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err  # the image is checked first
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert main(["run", "--model", "nobody/not-a-cached-model", "--image", str(tmp_path / "x.png"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load 'nobody/not-a-cached-model' (offline" in err
+
+
+def test_every_method_runs_with_its_defaults_on_the_world_model(capsys):
+    """`vlmplug run --method NAME` with no parameters, for every method: the defaults fit the embedded model."""
+    import vlmplug
+
+    for name in [*vlmplug.available_methods(), "vicrop", "carve"]:
+        rc = main(["run", "--method", name, "--max-new-tokens", "2"])
+        out, err = capsys.readouterr()
+        assert rc == 0, (name, err)

@@ -483,9 +483,6 @@ def test_cli_run_from_disk(family, method, params, store, image_file, capsys):
         assert f"{method}: image tokens kept per image" in out
 
 
-@pytest.mark.xfail(strict=True, raises=MethodConfigError,
-                   reason="vlmplug/cli.py cmd_run does not catch a VlmplugError raised by apply() (a method's default "
-                          "layers beyond the model's depth): a traceback instead of exit code 2 and the message")
 def test_cli_method_refused_by_the_model_exits_2(store, image_file, capsys):
     rc = main(["run", "--model", str(store.path("llava")), "--image", str(image_file), "--prompt", PROMPT,
                "--method", "fastv", "--max-new-tokens", "2"])

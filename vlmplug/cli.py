@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -22,58 +23,87 @@ def _default_method() -> str:
     return "fastv" if "fastv" in names else "record"
 
 
+def _fail(command: str, error: BaseException) -> int:
+    """One line on stderr (no traceback) and exit status 2: the library's message says what to do."""
+    text = str(error).strip().splitlines()
+    print(f"vlmplug {command}: {text[0] if text else type(error).__name__}", file=sys.stderr)
+    return 2
+
+
+def _load_or_fail(command: str, model_id: str, dtype=None, **kwargs):
+    """(model, processor), or None after printing why the checkpoint could not be loaded."""
+    from .loading import load
+
+    try:
+        return load(model_id, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as e:  # not cached / not a folder / unknown architecture
+        offline = " (offline: only checkpoints already in the local cache or on disk load)" if os.environ.get(
+            "HF_HUB_OFFLINE") == "1" else ""
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"vlmplug {command}: cannot load {model_id!r}{offline}: {first}", file=sys.stderr)
+        return None
+
+
 def cmd_run(args) -> int:
     import torch
 
     from . import pipeline
-    from .loading import load
+    from .errors import VlmplugError
+    from .evaluation.runner import MethodSpec
 
+    # everything that can be checked without a model, before the model loads
+    name = args.method or _default_method()
+    params = dict(args.param or [])
+    try:
+        MethodSpec(name, name, params).check()
+    except VlmplugError as e:
+        return _fail("run", e)
+    if args.model != "world" and (not args.image or not args.prompt):
+        print("vlmplug run --model needs --image and --prompt", file=sys.stderr)
+        return 2
+    try:
+        user_image = pipeline._load_images(args.image)[0] if args.image else None
+    except VlmplugError as e:
+        return _fail("run", e)
     torch.manual_seed(0)
     if args.model == "world":
         from .world import sample_scene
 
-        model, processor = load("world")
+        loaded = _load_or_fail("run", "world")
+        if loaded is None:
+            return 2
+        model, processor = loaded
         image, meta = sample_scene()
-        if args.image:
-            from PIL import Image
-
-            image = Image.open(args.image).convert("RGB")
+        image = user_image or image
         prompt = args.prompt or meta["question"]
         expected = None if (args.image or args.prompt) else meta["answer"]
         print(f"model: embedded world model (tiny LLaVA, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)")
         print(f"image: {args.image or 'bundled sample scene'}  {image.size[0]}x{image.size[1]}")
     else:
-        if not args.image or not args.prompt:
-            print("vlmplug run --model needs --image and --prompt", file=sys.stderr)
+        loaded = _load_or_fail("run", args.model, args.dtype)
+        if loaded is None:
             return 2
-        model, processor = load(args.model, dtype=args.dtype)
-        from PIL import Image
-
-        image = Image.open(args.image).convert("RGB")
-        prompt, expected = args.prompt, None
+        model, processor = loaded
+        image, prompt, expected = user_image, args.prompt, None
         print(f"model: {args.model}")
     print(f"prompt: {prompt}")
     gen = dict(max_new_tokens=args.max_new_tokens)
-    pipeline.generate_info(model, processor, image, prompt, **gen)  # warm-up, so timings compare steady states
-    plain = pipeline.generate_info(model, processor, image, prompt, **gen)
-    from .registry import method_registry
-
-    name = args.method or _default_method()
-    reg = method_registry()
-    if name not in reg:
-        print(f"unknown method {name!r}; available: {sorted(reg)}", file=sys.stderr)
-        return 2
-    method = reg[name].from_params(**dict(args.param or []))
-    patched = pipeline.generate_info(model, processor, image, prompt, methods=method, **gen)
-    shown = repr(method)
+    try:
+        pipeline.generate_info(model, processor, image, prompt, **gen)  # warm-up, so timings compare steady states
+        plain = pipeline.generate_info(model, processor, image, prompt, **gen)
+        patched = pipeline.generate_info(model, processor, image, prompt, methods=name, method_params=params or None,
+                                         **gen)
+    except VlmplugError as e:  # e.g. a method's default layers beyond this model's depth
+        return _fail("run", e)
+    shown = _config_repr(name, params)
     rows = [("plain", plain), (shown, patched)]
     w = max(len(r[0]) for r in rows)
-    for name, r in rows:
-        print(f"{name:<{w}}  answer: {r['text']!r:<16} {r['seconds'] * 1000:8.1f} ms  "
+    for label, r in rows:
+        print(f"{label:<{w}}  answer: {r['text']!r:<16} {r['seconds'] * 1000:8.1f} ms  "
               f"prompt tokens {r['prompt_tokens']}, new tokens {r['new_tokens']}")
-    st = (patched.get("stats") or {}).get(method.name) or {}
+    st = (patched.get("stats") or {}).get(name) or {}
     if "tokens_kept_per_image" in st:
-        print(f"{method.name}: image tokens kept per image {st['tokens_kept_per_image'][0]}, "
+        print(f"{name}: image tokens kept per image {st['tokens_kept_per_image'][0]}, "
               f"tokens per layer {st['tokens_per_layer']}, KV cache {st['kv_cache_bytes'] / 1024:.1f} KiB, "
               f"LLM FLOPs saved {100 * st['flops_saved']:.0f}%")
     if expected is not None:
@@ -83,12 +113,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _config_repr(name: str, params: dict) -> str:
+    """The method's config as the user would write it (its repr, defaults filled in)."""
+    from .pipeline import pipeline_methods
+    from .registry import method_registry
+
+    reg = method_registry()
+    if name in reg:
+        return repr(reg[name].from_params(**params))
+    return repr(pipeline_methods()[name][0](**params))
+
+
 def cmd_ground(args) -> int:
     from PIL import Image
 
     from .errors import VlmplugError
     from .grounding import METHODS, ground
-    from .loading import load
 
     if args.method not in METHODS:
         print(f"unknown grounding method {args.method!r}; choose one of {list(METHODS)}", file=sys.stderr)
@@ -107,7 +147,10 @@ def cmd_ground(args) -> int:
               file=sys.stderr)
         return 2
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    model, processor = load(args.model, dtype=args.dtype)
+    loaded = _load_or_fail("ground", args.model, args.dtype)
+    if loaded is None:
+        return 2
+    model, processor = loaded
     try:
         g = ground(model, processor, image, args.query, method=args.method, tokens=args.tokens, target=args.target,
                    threshold=args.threshold, layers=layers, top_k=args.top_k, prompt=args.prompt)
@@ -130,7 +173,6 @@ def cmd_eval(args) -> int:
     from .evaluation import benchmarks
     from .evaluation.base import BenchmarkFilesError
     from .evaluation.runner import MethodSpec, distributed, run, write_outputs
-    from .loading import load
 
     table = benchmarks()
     if args.bench not in table:
@@ -172,7 +214,10 @@ def cmd_eval(args) -> int:
     except (BenchmarkFilesError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2
-    model, processor = load(model_id, dtype=args.dtype, **({"device": state.device} if state is not None else {}))
+    loaded = _load_or_fail("eval", model_id, args.dtype, **({"device": state.device} if state is not None else {}))
+    if loaded is None:
+        return 2
+    model, processor = loaded
     results, answers, items = run(bench, model, processor, data, specs, out, splits=splits, limit=args.limit,
                                   max_new_tokens=args.max_new_tokens, suffix=args.suffix)
     if not main_process:

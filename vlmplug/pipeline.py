@@ -259,13 +259,16 @@ def _check_generate_kwargs(methods: Any, generate_kwargs: dict) -> None:
 
     from vlmplug.registry import method_registry
 
+    from transformers import GenerationConfig
+
+    generation = vars(GenerationConfig())  # generate()'s own settings stay generate()'s (CARVE's max_new_tokens too)
     classes = {**method_registry(), **{n: c for n, (c, _) in pipeline_methods().items()}}
     names = [m for m in (methods if isinstance(methods, (list, tuple)) else [methods]) if isinstance(m, str)]
     for name in names:
         cls = classes.get(name)
         if cls is None or not dataclasses.is_dataclass(cls):
             continue
-        misplaced = sorted(set(generate_kwargs) & {f.name for f in dataclasses.fields(cls)})
+        misplaced = sorted((set(generate_kwargs) - set(generation)) & {f.name for f in dataclasses.fields(cls)})
         if misplaced:
             from vlmplug.errors import MethodConfigError
 
