@@ -44,6 +44,20 @@ def _load_or_fail(command: str, model_id: str, dtype=None, **kwargs):
         return None
 
 
+def _quantization(args) -> dict:
+    """`quantization_config` for --load-in-4bit (NF4) / --load-in-8bit (bitsandbytes), else nothing."""
+    if not (getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)):
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if args.load_in_8bit:
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    compute = getattr(torch, args.dtype) if isinstance(args.dtype, str) else torch.float32
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=compute)}
+
+
 def cmd_run(args) -> int:
     import torch
 
@@ -61,6 +75,17 @@ def cmd_run(args) -> int:
     if args.model != "world" and (not args.image or not args.prompt):
         print("vlmplug run --model needs --image and --prompt", file=sys.stderr)
         return 2
+    if args.load_in_4bit or args.load_in_8bit:
+        if args.model == "world" or (args.load_in_4bit and args.load_in_8bit):
+            print("vlmplug run: --load-in-4bit / --load-in-8bit (one of them) quantize a checkpoint given by --model",
+                  file=sys.stderr)
+            return 2
+        try:
+            import bitsandbytes  # noqa: F401 - say it is missing before loading anything
+        except ImportError:
+            print("vlmplug run: --load-in-4bit / --load-in-8bit need bitsandbytes: pip install 'vlmplug[quant]'",
+                  file=sys.stderr)
+            return 2
     try:
         user_image = pipeline._load_images(args.image)[0] if args.image else None
     except VlmplugError as e:
@@ -80,7 +105,7 @@ def cmd_run(args) -> int:
         print(f"model: embedded world model (tiny LLaVA, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)")
         print(f"image: {args.image or 'bundled sample scene'}  {image.size[0]}x{image.size[1]}")
     else:
-        loaded = _load_or_fail("run", args.model, args.dtype)
+        loaded = _load_or_fail("run", args.model, args.dtype, **_quantization(args))
         if loaded is None:
             return 2
         model, processor = loaded
@@ -265,6 +290,8 @@ def main(argv=None) -> int:
     r.add_argument("--param", action="append", type=_param, help="method parameter key=value (repeatable)")
     r.add_argument("--max-new-tokens", type=int, default=8)
     r.add_argument("--dtype", default=None, help="e.g. bfloat16 for real checkpoints")
+    r.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 (compute in --dtype, default fp32)")
+    r.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8")
     r.set_defaults(fn=cmd_run)
     g = sub.add_parser("ground", help="where the model looks for a query: heatmap, point and box")
     g.add_argument("--image", required=True, help="image file")

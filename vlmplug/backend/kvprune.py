@@ -48,6 +48,11 @@ def _make_hook(session, li: int):
         if keep is None:
             return None
         layer = cache.layers[li]
+        if not _plain_layer(layer):
+            raise MethodConfigError(
+                f"{[m.name for m in session.methods]}: KV-cache pruning gathers each layer's cached keys and values, "
+                f"but layer {li} of this cache ({type(cache).__name__} / {type(layer).__name__}) keeps them in another "
+                "form (e.g. generate(cache_implementation='quantized')); use the default dynamic cache")
         if st.keep is not None and st.drop_layer is not None and li >= st.drop_layer:
             raise MethodConfigError("KV pruning after token dropping in the same layer is not supported")
         dead = None
@@ -65,6 +70,15 @@ def _make_hook(session, li: int):
         return None
 
     return hook
+
+
+def _plain_layer(layer) -> bool:
+    """The layer holds all its cached states as [B, Hkv, S, D] key / value tensors (a dynamic layer; not a quantized
+    one, whose states live in a backend's quantized form beside an empty or partial `keys`)."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4):
+        return False
+    return not hasattr(layer, "get_seq_length") or int(layer.get_seq_length()) == keys.shape[-2]
 
 
 def _equalize(keeps, S: int, pad2d):

@@ -55,11 +55,34 @@ def _text_config(model):
     return getattr(cfg, "text_config", None) or cfg
 
 
+def _embedding_weight(model) -> torch.Tensor:
+    """The input embedding matrix, also where accelerate offloaded it (to disk, or to the CPU beside a GPU): then the
+    module holds a meta tensor and its hook's `weights_map` the weight."""
+    emb = model.get_input_embeddings()
+    w = emb.weight
+    if w.device.type == "meta":
+        wm = getattr(getattr(emb, "_hf_hook", None), "weights_map", None)
+        if wm is None or "weight" not in wm:
+            raise MethodConfigError("var: the input embeddings are on the meta device and no offload hook holds "
+                                    "them; load the model fully or give sink_dims explicitly")
+        w = wm["weight"]
+    return w
+
+
+def _input_device(model) -> torch.device:
+    """Where the model takes its input ids: the embeddings' device, or their offload hook's execution device."""
+    emb = model.get_input_embeddings()
+    if emb.weight.device.type != "meta":
+        return emb.weight.device
+    dev = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
 def _fingerprint(model) -> str:
     """Config and a few weights: two random-weight models of one config are different models."""
     tc = _text_config(model)
     h = hashlib.sha256(tc.to_json_string(use_diff=False).encode())
-    emb = model.get_input_embeddings().weight
+    emb = _embedding_weight(model)
     h.update(repr([round(float(x), 6) for x in emb[:4, :8].detach().float().flatten().cpu()]).encode())
     return h.hexdigest()[:16]
 
@@ -124,7 +147,7 @@ def find_sink_dims(model, n_dims: int = 2, adapter=None, samples: int = 4, lengt
     bos = getattr(tc, "bos_token_id", None) or getattr(model.config, "bos_token_id", None)
     if isinstance(bos, int) and 0 <= bos < vocab:
         ids[:, 0] = bos
-    dev = model.get_input_embeddings().weight.device
+    dev = _input_device(model)
     hooks = [layers[li].register_forward_pre_hook(grab(li), with_kwargs=True) for li in band]
     live = model.__dict__.get("_vlmplug_handle")
     unpatched = live.session.paused() if live is not None and live.active else contextlib.nullcontext()
