@@ -3,7 +3,8 @@ after prefill. Cuts decode time and KV memory; prefill is unchanged.
 
 - Layer level: the share of the last prompt token's attention (mean over heads) that goes to image
   tokens classifies a layer as vision-attentive (>= alpha, keeps keep_ratio + delta), vision-indifferent
-  (<= beta, keeps keep_ratio - delta) or balanced (keeps keep_ratio).
+  (<= beta, keeps keep_ratio - delta) or balanced (keeps keep_ratio). A budget given as keep_tokens is the
+  balanced layers' share of each image (keep_tokens / its tokens), moved by delta the same way.
 - Head level: each KV head keeps its own top-k image tokens by the last token's attention (averaged over
   the query heads that share the KV head under GQA); text tokens are always kept.
 The official code is unpublished; alpha, beta, delta and start_layer defaults are ours (documented).
@@ -75,10 +76,10 @@ class PLPHPRunner(Method):
 
         return LayerPlan(probes=[Probe(sel, store)])
 
-    def rate(self, vision_share: float) -> float:
-        r = self.keep_ratio if self.keep_ratio is not None else None
-        if r is None:
-            return -1.0
+    def rate(self, vision_share: float, base: float | None = None) -> float:
+        """The share of an image's tokens a layer keeps: `base` (keep_ratio, or keep_tokens over the image's
+        tokens) moved up by delta in vision-attentive layers and down in vision-indifferent ones."""
+        r = self.keep_ratio if base is None else base
         if vision_share >= self.alpha:
             return min(1.0, r + self.delta)
         if vision_share <= self.beta:
@@ -102,10 +103,8 @@ class PLPHPRunner(Method):
                 kept.append(0)
                 continue
             share = float(probs[b, :, img].sum(-1).mean())
-            if self.keep_tokens is not None:
-                k = budget(img.numel(), None, self.keep_tokens)
-            else:
-                k = budget(img.numel(), self.rate(share), None)
+            base = self.keep_ratio if self.keep_tokens is None else min(1.0, self.keep_tokens / img.numel())
+            k = budget(img.numel(), self.rate(share, base), None)
             head = probs[b].view(Hkv, G, -1).mean(1)[:, img]  # [Hkv, n_img]
             order = torch.argsort(head.double(), dim=-1, descending=True, stable=True)[:, :k]
             text = pos[~torch.isin(pos, img)]
