@@ -12,6 +12,9 @@ Per crop, with a budget of N' tokens:
 - registers: the rest of the budget from the highest mean attention at the deep (feature) layer,
   excluding tokens already chosen.
 A multi-crop image (tiles) splits its budget evenly over its crops.
+Deviation: on Qwen2.5-VL a layer that attends in windows is scored within its windows (the attention the layer
+computes), where the official code recomputes one softmax across the whole image; the default object layer (index
+15) and the deep layer (the last) are full-attention layers there, where the two agree.
 """
 from __future__ import annotations
 
