@@ -434,7 +434,9 @@ def test_two_processes_give_the_single_process_result(tmp_path):
     two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
                           str(_free_port()), "-m", "vlmplug.cli", *args, "--out", str(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    # the ranks' own lines (tracebacks, aborts), not the launcher's summary, if it fails
+    assert two.returncode == 0, "\n".join(line for line in two.stderr.splitlines() if "rank" in line or "Error" in line
+                                          or "terminate" in line)[-4000:]
     a, b = (json.loads((tmp_path / d / "world-pope.json").read_text()) for d in ("one", "two"))
     assert a["meta"]["processes"] == 1 and b["meta"]["processes"] == 2
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds_per_answer"}  # noqa: E731

@@ -197,7 +197,7 @@ def cmd_eval(args) -> int:
     from .errors import VlmplugError
     from .evaluation import benchmarks
     from .evaluation.base import BenchmarkFilesError
-    from .evaluation.runner import MethodSpec, distributed, run, write_outputs
+    from .evaluation.runner import MethodSpec, distributed, run
 
     table = benchmarks()
     if args.bench not in table:
@@ -245,8 +245,20 @@ def cmd_eval(args) -> int:
     model, processor = loaded
     results, answers, items = run(bench, model, processor, data, specs, out, splits=splits, limit=args.limit,
                                   max_new_tokens=args.max_new_tokens, suffix=args.suffix)
-    if not main_process:
-        return 0
+    if main_process:
+        _write_eval(args, bench, data, model_id, splits, specs, state, out, results, answers, items)
+    if state is not None:  # every process leaves together: one exiting mid-way can abort the other's gloo threads
+        import torch.distributed as dist
+
+        state.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _write_eval(args, bench, data, model_id, splits, specs, state, out, results, answers, items) -> None:
+    from .evaluation.runner import write_outputs
+
     meta = {"benchmark": args.bench, "model": model_id, "data": str(data), "limit": args.limit, "splits": splits,
             "methods": [s.label for s in specs], "params": {s.label: s.params for s in specs}, "suffix": args.suffix,
             "max_new_tokens": args.max_new_tokens or bench.max_new_tokens, "decoding": "greedy",
@@ -254,7 +266,6 @@ def cmd_eval(args) -> int:
     paths = write_outputs(results, out, args.bench, meta, bench, items, answers)
     print(paths["table"].read_text())
     print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
-    return 0
 
 
 def cmd_methods(args) -> int:
