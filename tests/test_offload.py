@@ -88,22 +88,7 @@ def params(method: str, kind: str) -> dict:
 # Snapshot of everything apply() may touch, without state_dict() (see the module docstring); shared with
 # tests/test_quantized.py.
 # --------------------------------------------------------------------------------------------------------------------
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-               "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
-
-
-def _configs(model) -> list:
-    seen, out, stack = set(), [], [model.config] + [getattr(m, "config", None) for m in model.modules()]
-    while stack:
-        c = stack.pop()
-        if c is None or id(c) in seen or not hasattr(c, "to_dict"):
-            continue
-        seen.add(id(c))
-        out.append(c)
-        for key in getattr(c, "sub_configs", {}) or {}:
-            stack.append(getattr(c, key, None))
-    return out
+from test_contract import _HOOK_DICTS, _configs  # noqa: E402 - one definition of what a snapshot covers
 
 
 def _copy(t: torch.Tensor):
