@@ -91,3 +91,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .compat build *.egg-info
+
+# Mutation testing of the methods and the backend (scripts/mutation.py): each named mutation is applied to a copy of
+# the tree (never this one) and its targeted tests run there; a surviving mutation fails the target. Results in
+# build/mutation.json. `make mutation ARGS=--full` runs the whole suite per mutation, `ARGS="--only NAME,..."` a few.
+.PHONY: mutation
+mutation: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VPY) scripts/mutation.py $(ARGS)

@@ -123,3 +123,59 @@ def test_registry_refuses_a_taken_name():
         class Other(vlmplug.MethodConfig):
             pass
     assert method_registry()["fastv"] is vlmplug.FastV
+
+
+VISION_SIDE = {"visionzip": {}, "hiprune": dict(object_layer=0), "flowcut": {}, "cluster": {}, "random": {}, "pool": {}}
+
+
+@pytest.mark.parametrize("method", list(VISION_SIDE))
+@pytest.mark.parametrize("fam", ["llava", "llava_next", "qwen2_vl", "idefics3", "gemma3", "internvl"])
+def test_remove_restores_the_vision_towers_attention(fam, method):
+    """Each vision-side method: the vision tower's attention implementation (its config and the config every vision
+    attention module reads) is what it was before apply() once the handle is removed. Methods that score vision
+    attention switch it to vlmplug's while applied (so the check is not vacuous); the others never switch it."""
+    from vlmplug.adapters import get_adapter
+
+    model = tiny(fam)
+    ad = get_adapter(model)
+    vcfg = getattr(model.config, ad.vision_config_key)
+
+    def impls():
+        return [vcfg._attn_implementation] + [m.config._attn_implementation for m in ad.vision_attention_modules()]
+
+    before, text_before = impls(), model.config.get_text_config()._attn_implementation
+    assert set(before) == {"sdpa"}
+    batch = make_batch(fam, model, (1,))
+    with vlmplug.apply(model, method, keep_tokens=2, **VISION_SIDE[method]) as h, torch.no_grad():
+        model.generate(**batch.inputs, max_new_tokens=1, do_sample=False)
+        during = impls()
+        scores_vision = h.method(method).needs_vision_attention
+    assert set(during) == ({"vlmplug"} if scores_vision else {"sdpa"}), during
+    assert impls() == before, "remove() left the vision tower's attention implementation switched"
+    assert model.config.get_text_config()._attn_implementation == text_before
+    assert "_vlmplug_handle" not in vars(model)
+
+
+def test_remove_keeps_an_instance_attribute_set_before_apply():
+    """A user's own wrapper of `get_image_features`, set on the instance before apply(), is there again after remove()
+    (vlmplug wraps the instance's method and used to delete the instance attribute on undo, dropping the user's)."""
+    model = tiny("llava")
+    base = model.base_model
+    assert "get_image_features" not in vars(base)
+    orig = base.get_image_features
+    calls = []
+
+    def user_wrapper(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    base.get_image_features = user_wrapper
+    try:
+        batch = make_batch("llava", model, (1,))
+        with vlmplug.apply(model, "visionzip", keep_tokens=2), torch.no_grad():
+            model(**batch.inputs)
+        assert calls, "vlmplug's wrapper calls the user's"
+        assert vars(base).get("get_image_features") is user_wrapper, "remove() dropped the user's instance attribute"
+    finally:
+        del base.get_image_features
+    assert "get_image_features" not in vars(base)

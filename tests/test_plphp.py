@@ -42,12 +42,45 @@ def test_full_retention_is_identity(family):
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_vl", "gemma3", "internvl"])
 def test_kept_heads_match_reference_and_decode_matches_masked_eager(fam):
+    _check_against_reference(fam, dict(keep_ratio=0.5, delta=0.25, alpha=0.5, beta=0.2, start_layer=1))
+
+
+def _shares(att, inputs, truth):
+    """Per sample: the share of the last real token's attention (mean over heads) on the image tokens."""
+    out = []
+    for b, images in enumerate(truth):
+        img = torch.tensor(sorted(p for im in images for p in im.positions), dtype=torch.long)
+        last = int(torch.nonzero(inputs["attention_mask"][b]).max())
+        out.append(float(att[b, :, last][:, img].sum(-1).mean()))
+    return out
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "gemma3", "internvl"])
+def test_vision_indifferent_layers_keep_less(fam):
+    """The paper's third class: a layer whose image share is <= beta keeps keep_ratio - delta. Thresholds are put
+    between the two samples' shares (from eager attention, so the reference decides the class): the sample below
+    is vision-indifferent (0.25 of its image tokens), the one above vision-attentive (0.75); then alpha=1,
+    beta=0.999 makes every sample indifferent. Kept sets per KV head and decoding checked as above."""
     model = tiny(fam)
     batch = make_batch(fam, model, (1, 2))
-    kw = dict(keep_ratio=0.5, delta=0.25, alpha=0.5, beta=0.2, start_layer=1)
+    shares = _shares(_eager_attn(model, batch.inputs)[1], batch.inputs, batch.truth)
+    lo, hi = sorted(shares)
+    assert hi - lo > 0.02, shares  # the tiny model separates the samples
+    mid = (lo + hi) / 2
+    n = [sum(len(im.positions) for im in images) for images in batch.truth]
+    for alpha, beta, rates in [(mid, mid, [0.25 if x <= mid else 0.75 for x in shares]), (1.0, 0.999, [0.25, 0.25])]:
+        kept = _check_against_reference(fam, dict(keep_ratio=0.5, delta=0.25, alpha=alpha, beta=beta, start_layer=1))
+        assert kept == {1: [round(k * r) for k, r in zip(n, rates)]}, (alpha, beta, shares)
+
+
+def _check_against_reference(fam, kw):
+    """Kept image tokens per (sample, KV head) of layer `start_layer` = the reference rule on eager attention;
+    decoding through the pruned cache = masked eager attention. Returns stats' image tokens kept per layer."""
+    model = tiny(fam)
+    batch = make_batch(fam, model, (1, 2))
     att = _eager_attn(model, batch.inputs)
     hkv = model.config.get_text_config().num_key_value_heads
-    ref = _reference(att[1], batch.inputs, batch.truth, 0.5, 0.25, 0.5, 0.2, hkv)
+    ref = _reference(att[1], batch.inputs, batch.truth, kw["keep_ratio"], kw["delta"], kw["alpha"], kw["beta"], hkv)
     with vlmplug.apply(model, "plphp", **kw) as h, torch.no_grad():
         g = model.generate(**batch.inputs, **GEN)
         idx = h.session.state.kv_index[1]
@@ -74,6 +107,8 @@ def test_kept_heads_match_reference_and_decode_matches_masked_eager(fam):
     assert torch.equal(g.sequences, gr.sequences)
     for a, b in zip(g.logits, gr.logits):
         assert (a - b).abs().max() <= 1e-4
+    assert st["image_tokens_kept_per_layer"] == {1: [len(r[0]) for r in ref]}
+    return st["image_tokens_kept_per_layer"]
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_vl", "gemma3"])

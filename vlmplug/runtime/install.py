@@ -25,7 +25,7 @@ class Installer:
     def __init__(self, model: nn.Module):
         self.model = model
         self._hooks: list = []
-        self._attrs: list[tuple[Any, str]] = []
+        self._attrs: list[tuple[Any, str, bool, Any]] = []  # (object, name, had an instance attribute, its value)
         self._attn_snapshot: list[tuple[Any, Any]] = []
 
     def set_attention(self, keys: dict) -> None:
@@ -35,9 +35,11 @@ class Installer:
         self.model.set_attn_implementation(keys)
 
     def set_attr(self, obj, name: str, value) -> None:
-        """Set an instance attribute that `undo` deletes (a wrapped method included: the class's comes back)."""
+        """Set an instance attribute that `undo` deletes (a wrapped method included: the class's comes back), or puts
+        back where the object already had one (e.g. a user's own wrapper of the method)."""
+        had = name in obj.__dict__
+        self._attrs.append((obj, name, had, obj.__dict__.get(name)))
         setattr(obj, name, value)
-        self._attrs.append((obj, name))
 
     def hook(self, handle) -> None:
         self._hooks.append(handle)
@@ -46,8 +48,10 @@ class Installer:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for obj, name in reversed(self._attrs):
-            if name in obj.__dict__:
+        for obj, name, had, old in reversed(self._attrs):
+            if had:
+                obj.__dict__[name] = old
+            elif name in obj.__dict__:
                 delattr(obj, name)
         self._attrs = []
         for cfg, value in self._attn_snapshot:
