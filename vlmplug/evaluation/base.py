@@ -9,6 +9,7 @@ benchmark words it, before any suffix), plus the gold fields its scorer reads. A
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +18,7 @@ class BenchmarkFilesError(FileNotFoundError):
     """A benchmark's file is missing or malformed; the message names the file and the layout expected."""
 
 
-class Benchmark:
+class Benchmark(ABC):
     """Subclasses set the class attributes and implement `read` and `score`."""
 
     name = ""
@@ -32,11 +33,13 @@ class Benchmark:
     #: where the files go, for error messages
     layout = ""
 
+    @abstractmethod
     def read(self, data: Path, split: str) -> list[dict]:
-        raise NotImplementedError
+        """The split's items, checked (clear errors naming the file and the layout)."""
 
+    @abstractmethod
     def score(self, items: list[dict], answers: list[dict]) -> dict:
-        raise NotImplementedError
+        """The split's scores from the benchmark's official rule."""
 
     def prompt(self, item: dict, suffix: str) -> str:
         return item["text"] + suffix

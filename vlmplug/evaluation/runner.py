@@ -181,9 +181,13 @@ def distributed():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _file_name(label: str) -> str:
+    """A setting's label as a file or folder name."""
+    return "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in label)
+
+
 def _answers_file(out: Path, spec: MethodSpec, split: str) -> Path:
-    safe = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in spec.label)
-    return out / "answers" / f"{safe}__{split}.jsonl"
+    return out / "answers" / f"{_file_name(spec.label)}__{split}.jsonl"
 
 
 def _read_cache(path: Path) -> dict:
@@ -363,7 +367,6 @@ def write_outputs(results: dict, out: Path, name: str, meta: dict, bench: Benchm
     plot(results, paths["plot"], title=name, bench=bench)
     if bench is not None and hasattr(bench, "export") and items and answers:
         for label, per in answers.items():
-            safe = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in label)
             for sp, ans in per.items():
-                bench.export(items[sp], ans, out / "exports" / safe / sp)
+                bench.export(items[sp], ans, out / "exports" / _file_name(label) / sp)
     return paths
