@@ -100,6 +100,9 @@ DROP = "vlmplug/backend/drop.py"
 KV = "vlmplug/backend/kvprune.py"
 ATTN = "vlmplug/backend/attention.py"
 INSTALL = "vlmplug/runtime/install.py"
+A_LLAVA = "vlmplug/adapters/llava.py"
+A_INTERNVL = "vlmplug/adapters/internvl.py"
+A_QWEN = "vlmplug/adapters/qwen_vl.py"
 
 T_FID = "tests/test_fidelity.py"
 T_FASTV = "tests/test_fastv.py"
@@ -216,6 +219,17 @@ MUTATIONS: list[Mutation] = [
       "centre.append(edges[i] + (edges[i + 1] - edges[i] - 1) // 2)",
       "centre.append(edges[i] + (edges[i + 1] - edges[i]) // 2)",
       "pool places an even cell's token at the lower right of its central four", (T_BASE,)),
+    # ---- the adapters' vision geometry (the references take theirs from the config: tests/geometry.py)
+    M("llava-feature-layer-shift", A_LLAVA,
+      "feature_layer=vfl % (n + 1) - 1, num_layers=n)", "feature_layer=vfl % (n + 1) - 2, num_layers=n)",
+      "LLaVA's vision methods score the layer before the one the projector reads (the audit's surviving shift)",
+      (T_VIS,)),
+    M("internvl-feature-layer-shift", A_INTERNVL,
+      "feature_layer=vfl % (n + 1) - 1, num_layers=n)", "feature_layer=vfl % (n + 1) - 2, num_layers=n)",
+      "InternVL's vision methods score the layer before the one the projector reads", (T_VIS,)),
+    M("qwen25-windows-ignored", A_QWEN,
+      'windowed = self.config.model_type == "qwen2_5_vl"', "windowed = False",
+      "Qwen2.5-VL's window-ordered patches are read as if in token order", (T_VIS,)),
     # ---- backend
     M("probe-softmax-dim", KERNELS,
       "p = torch.softmax(scores, dim=-1).nan_to_num(0.0)", "p = torch.softmax(scores, dim=-2).nan_to_num(0.0)",

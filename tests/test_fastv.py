@@ -43,12 +43,14 @@ def _reference_keep(att, inputs, truth, ratio, mode="last", keep=None):
     return out
 
 
-def _alive_images(h, b):
+def _alive_images(h, b, truth):
+    """Kept image positions of sample b; which positions are image tokens comes from the batch's ground truth, not
+    from vlmplug's layout."""
     s = h.session.state
     keep = s.keep[b]
     if s.dead is not None:
         keep = keep[~s.dead[b]]
-    img = h.layout.samples[b].image_positions
+    img = torch.tensor(sorted(p for im in truth[b] for p in im.positions), dtype=torch.long)
     return sorted(keep[torch.isin(keep, img)].tolist())
 
 
@@ -75,7 +77,7 @@ def test_kept_tokens_equal_eager_reference(family, mode):
         out = model.generate(**batch.inputs, **GEN)
         assert out.shape[1] == batch.inputs["input_ids"].shape[1] + 4
         for b in range(2):
-            assert _alive_images(h, b) == ref[b]
+            assert _alive_images(h, b, batch.truth) == ref[b]
         st = h.stats["fastv"]
     assert [sum(x) for x in st["tokens_kept_per_image"]] == [len(r) for r in ref]
     assert st["flops_saved"] > 0 and st["tokens_per_layer"][1] < st["tokens_per_layer"][0]
@@ -124,7 +126,7 @@ def test_composes_with_record(fam):
         maps = h.image_attention()
         lay = h.layout
         for b in range(2):
-            alive = set(_alive_images(h, b))
+            alive = set(_alive_images(h, b, batch.truth))
             for im, m in zip(lay.samples[b].images, maps[b]):
                 v = im.main_view
                 kept_cells = torch.tensor([int(p) in alive for p in v.positions]).view(v.rows, v.cols)
@@ -201,6 +203,6 @@ def test_bf16_selection_equals_fp32_reference_where_the_margin_allows(fam):
     inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in batch.inputs.items()}
     with vlmplug.apply(model, "fastv", layer=1, keep_tokens=best_k) as h, torch.no_grad():
         g = model.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        got = [_alive_images(h, b) for b in range(2)]
+        got = [_alive_images(h, b, batch.truth) for b in range(2)]
     assert got == ref
     assert all(torch.isfinite(x.float()).all() for x in g.logits)

@@ -25,6 +25,7 @@ import torch
 
 import vlmplug
 from conftest import tiny
+from geometry import groups, tower, vision_layers
 from reference import masked_eager_attention, register_reference, split_by_weight
 from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
@@ -54,63 +55,13 @@ PAPER = Rules(sem_scaled=True, start_at_score=False, round_count=False, sem_with
               gate=False, qwen_eps=False)
 
 
-# ------------------------------------------------------------------ geometry from the model config
-def tower(model) -> SimpleNamespace:
-    """cls, F (the vision layer whose output the projector reads, 0-based), L (layers), pool (p x p patches per
-    token) or merge (consecutive patches per token), packed: read from the config of each family."""
-    cfg = model.config
-    vc = cfg.vision_config
-    mt = cfg.model_type
-    if mt in ("qwen2_vl", "qwen3_vl"):  # no CLS; the merger reads the last block; 2x2 windows stored contiguously
-        L = int(vc.depth)
-        return SimpleNamespace(cls=False, F=L - 1, L=L, pool=1, merge=int(vc.spatial_merge_size) ** 2, packed=False)
-    L = int(vc.num_hidden_layers)
-    # hidden_states[i] is the output of layer i - 1 (hidden_states[0]: the embeddings)
-    hs = lambda: int(cfg.vision_feature_layer) % (L + 1) - 1  # noqa: E731
-    if mt == "llava":  # CLIP: CLS first, dropped from the features by the "default" strategy
-        return SimpleNamespace(cls=True, F=hs(), L=L, pool=1, merge=0, packed=False)
-    if mt == "llava_next":  # CLIP crops
-        return SimpleNamespace(cls=True, F=hs(), L=L, pool=1, merge=0, packed=True)
-    if mt == "llava_onevision":  # SigLIP crops: no CLS
-        return SimpleNamespace(cls=False, F=hs(), L=L, pool=1, merge=0, packed=True)
-    if mt in ("idefics3", "smolvlm"):  # SigLIP, last layer, pixel shuffle by scale_factor
-        return SimpleNamespace(cls=False, F=L - 1, L=L, pool=int(cfg.scale_factor), merge=0, packed=False)
-    if mt == "gemma3":  # SigLIP, last layer, average pooling to mm_tokens_per_image
-        side = int(vc.image_size) // int(vc.patch_size)
-        return SimpleNamespace(cls=False, F=L - 1, L=L, pool=side // math.isqrt(int(cfg.mm_tokens_per_image)),
-                               merge=0, packed=False)
-    if mt == "internvl":  # InternViT: CLS first; pixel shuffle by 1 / downsample_ratio
-        return SimpleNamespace(cls=True, F=hs(), L=L, pool=int(round(1 / float(cfg.downsample_ratio))), merge=0,
-                               packed=False)
-    raise AssertionError(mt)
-
-
-def vision_layers(model) -> dict[int, int]:
-    """id(attention module of the vision tower) -> its layer index, from the module names."""
-    out = {}
-    for name, mod in model.named_modules():
-        m = re.search(r"(vision|visual).*\.(layers|layer|blocks)\.(\d+)\.(self_attn|attention|attn)$", name)
-        if m:
-            out[id(mod)] = int(m.group(3))
-    return out
-
-
-def _groups(n: int, geo) -> tuple[list[int], int]:
-    """Hand-built layout: the LLM token of each of a crop's n patches (row-major p x p blocks, or runs of `merge`)."""
-    if geo.merge:
-        return [i // geo.merge for i in range(n)], n // geo.merge
-    if geo.pool <= 1:
-        return list(range(n)), n
-    side = math.isqrt(n)
-    p = max(1, geo.pool)
-    per_row = side // p
-    return [((i // side) // p) * per_row + (i % side) // p for i in range(n)], per_row * per_row
+# geometry: tests/geometry.py (from the model config and hand-built layouts)
 
 
 # ------------------------------------------------------------------ the rules, one crop at a time
 class Crop:
     def __init__(self, n_patches, geo, target, allowed=None, rules=OFFICIAL):
-        self.groups, self.G = _groups(n_patches, geo)
+        self.groups, self.G = groups(n_patches, geo)
         self.alive = set(range(self.G))
         self.allowed = set(range(self.G)) if allowed is None else set(allowed)
         # -inf: patches that unpadding removes (vlmplug's packed grids) go first
@@ -222,7 +173,7 @@ class RefFlowCut:
         if c == len(self.call_crops):
             ids = []
             for _ in range(B):
-                G = _groups(S - off, self.geo)[1]
+                G = groups(S - off, self.geo)[1]
                 target, allowed = self._target(G), None
                 if self.plans is not None:
                     t, allowed = self.plans.pop(0)

@@ -85,12 +85,11 @@ def _check_against_reference(fam, kw):
         g = model.generate(**batch.inputs, **GEN)
         idx = h.session.state.kv_index[1]
         dead = h.session.state.kv_dead.get(1)
-        layout = h.layout
         st = h.stats["plphp"]
     L = batch.inputs["input_ids"].shape[1]
     dropped = torch.zeros(2, hkv, L, dtype=torch.bool)
     for b in range(2):
-        img = layout.samples[b].image_positions
+        img = torch.tensor(sorted(p for im in batch.truth[b] for p in im.positions), dtype=torch.long)  # ground truth
         for hh in range(hkv):
             rows = idx[b, hh] if dead is None else idx[b, hh][~dead[b, hh]]
             assert sorted(rows[torch.isin(rows, img)].tolist()) == ref[b][hh]

@@ -1,6 +1,12 @@
 """HiPrune and VisionZip against references written from the papers' rules over eager vision
 attention (captured with an eager attention function on the unpatched model), and end-to-end against
-masked eager attention with the reference's tokens removed."""
+masked eager attention with the reference's tokens removed.
+
+The references take the tower's geometry (CLS, feature layer, pooling, merge runs, windows) from the model config and
+hand-built layouts (tests/geometry.py, itself checked against the models in test_geometry.py), never from the code
+under test; "llava_deep" is LLaVA with a 3-layer tower reading layer 1 (vision_feature_layer = -2, LLaVA-1.5's
+choice), so a method reading the wrong layer disagrees with its reference. Only LLaVA-NeXT / OneVision's packed crop
+map comes from the adapter: test_vision_grid_maps_patches_to_their_llm_tokens checks it by perturbing patches."""
 import functools
 
 import pytest
@@ -8,11 +14,26 @@ import torch
 
 import vlmplug
 from conftest import tiny
+from geometry import deeper, groups, qwen_widths, tower, vision_attention, window_order
 from reference import eager_softmax, masked_eager_attention, register_reference, split_by_weight
 from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-HIPRUNE_FAMS = ["llava", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"]
+HIPRUNE_FAMS = ["llava", "llava_deep", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"]
+_DEEPER: dict = {}
+
+
+def _model(name):
+    """(family, model): the cached tiny model, or for "llava_deep" the 3-layer LLaVA reading layer 1."""
+    if name != "llava_deep":
+        return name, tiny(name)
+    if name not in _DEEPER:
+        _DEEPER[name] = deeper("llava", layers=3, feature_layer=-2)
+    m = _DEEPER[name]
+    h = m.__dict__.get("_vlmplug_handle")
+    if h is not None:
+        h.remove()
+    return "llava", m
 
 
 def _vision_capture(model, inputs):
@@ -39,9 +60,7 @@ def _vision_capture(model, inputs):
         model.set_attn_implementation({"vision_config": "sdpa"})
         for h in handles:
             h.remove()
-    from vlmplug.adapters import get_adapter
-
-    mods = get_adapter(model).vision_attention_modules()
+    mods = vision_attention(model)
     # per vision layer: one entry per crop, [H, S, S] (Qwen's tower attends per image: variable S)
     per_crop = [[a for call in maps[id(m)] for a in call] for m in mods]
     return per_crop, [torch.cat(keys[id(m)]) if len({k.shape for k in keys[id(m)]}) == 1 else None for m in mods], proj_in
@@ -61,15 +80,7 @@ def _feature_capture(orig, feats):
 
 
 def _window_order(model, batch):
-    """Qwen2.5-VL: the tower's group permutation (window order -> token-order group) and the groups per image."""
-    from transformers.vision_utils import get_vision_window_index
-
-    v = model.config.vision_config
-    thw = batch.inputs["image_grid_thw"]
-    order, _ = get_vision_window_index(thw, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                                       patch_size=v.patch_size)
-    m = v.spatial_merge_size**2
-    return order.long(), [int(t * h * w) // m for t, h, w in thw.tolist()]
+    return window_order(model, batch.inputs)
 
 
 def _unwindow(rows, grid, windowing):
@@ -126,11 +137,10 @@ def _alive(h, b):
 
 @pytest.mark.parametrize("fam", HIPRUNE_FAMS)
 def test_hiprune_matches_reference(fam):
-    model = tiny(fam)
+    fam, model = _model(fam)
     batch = make_batch(fam, model, (1, 2))
-    from vlmplug.adapters import get_adapter
-
-    grid = get_adapter(model).vision_grid()
+    grid = tower(model)
+    widths = qwen_widths(model, batch.inputs) if grid.merge else None
     maps, _, _ = _vision_capture(model, batch.inputs)
     win = _window_order(model, batch) if grid.windowed else None
     obj = _token_scores(maps[0], grid, win)
@@ -141,10 +151,11 @@ def test_hiprune_matches_reference(fam):
         g = model.generate(**batch.inputs, **GEN)
         lay = h.layout
         alive = [_alive(h, b) for b in range(2)]
-    crop = 0
+    crop, image = 0, 0
     dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
     for b, s in enumerate(lay.samples):
         for im in s.images:
+            image += 1
             n = im.positions.numel()
             sizes, covered = [], 0
             while covered < n:
@@ -155,7 +166,7 @@ def test_hiprune_matches_reference(fam):
             ref, off = [], 0
             for c in range(crops):
                 k = k_total // crops + (1 if c < k_total % crops else 0)
-                width = im.main_view.cols if grid.merge else int(round(sizes[c] ** 0.5))
+                width = widths[image - 1] if grid.merge else int(round(sizes[c] ** 0.5))
                 ref += [i + off for i in _hiprune_ref(obj[crop + c], deep[crop + c], width, k, alpha)]
                 off += sizes[c]
             crop += crops
@@ -204,15 +215,14 @@ def _visionzip_ref(cls_attn, keys, hidden, k, share):
     return sorted(dom + targets), h
 
 
+@pytest.mark.parametrize("fam", ["llava", "llava_deep"])
 @pytest.mark.parametrize("share", [5.4 / 6.4, 0.5])
-def test_visionzip_matches_reference_end_to_end(share):
+def test_visionzip_matches_reference_end_to_end(share, fam):
     """share 5.4/6.4 (the paper's split): 7 dominant + 1 contextual token of 8; 0.5: 4 + 4, so each remaining token
     must join its MOST similar target (official code: argmax of the normalised keys' dot products)."""
-    model = tiny("llava")
-    batch = make_batch("llava", model, (1, 2))
-    from vlmplug.adapters import get_adapter
-
-    grid = get_adapter(model).vision_grid()
+    fam, model = _model(fam)
+    batch = make_batch(fam, model, (1, 2))
+    grid = tower(model)
     maps, keys, proj_in = _vision_capture(model, batch.inputs)
     cls = torch.stack([a[:, 0, 1:].sum(0) for a in maps[grid.feature_layer]])
     ks = keys[grid.feature_layer][:, 1:]
@@ -324,13 +334,12 @@ def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
     grid mapping (used by every vision-side method) names, in the crop's place in token order. For LLaVA-NeXT /
     OneVision the adapter's packed crop map names them (none for a patch that unpadding removed)."""
     from vlmplug.adapters import get_adapter
-    from vlmplug.methods.pruning.flowcut import patch_groups
 
-    model = tiny(fam)
+    fam, model = _model(fam)
     batch = make_batch(fam, model, (1, 2))
     ad = get_adapter(model)
-    grid = ad.vision_grid()
-    attn = ad.vision_attention_modules()[grid.feature_layer]
+    grid = tower(model)
+    attn = vision_attention(model)[grid.feature_layer]
     base = model.base_model
     orig = base.get_image_features
     feats, target = [], {}
@@ -387,7 +396,7 @@ def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
             else:
                 row0 = 0
                 for ci, b, S in crops:
-                    gid, G = patch_groups(S - (1 if grid.cls else 0), grid)
+                    gid, G = groups(S - (1 if grid.cls else 0), grid)
                     expected.append(lambda j, gid=gid, row0=row0: [row0 + int(gid[j])])
                     row0 += G
             assert row0 == ref.shape[0] and len(expected) == len(crops)
@@ -429,7 +438,7 @@ def test_hiprune_packed_matches_reference(fam):
     model = tiny(fam)
     batch = make_batch(fam, model, (1, 2))
     ad = get_adapter(model)
-    grid = ad.vision_grid()
+    grid = tower(model)
     maps, _, _ = _vision_capture(model, batch.inputs)
     obj = _token_scores(maps[0], grid)  # packed grids: per patch, CLS removed
     deep = _token_scores(maps[grid.feature_layer], grid)
@@ -482,7 +491,7 @@ def test_visionzip_llava_next_matches_reference():
     fam = "llava_next"
     model = tiny(fam)
     ad = get_adapter(model)
-    grid = ad.vision_grid()
+    grid = tower(model)
     batch = make_batch(fam, model, (1, 2))
     maps, keys, proj_in = _vision_capture(model, batch.inputs)
     cls = torch.stack([a[:, 0, 1:].sum(0) for a in maps[grid.feature_layer]])
@@ -544,7 +553,7 @@ def test_visionzip_on_llm_tokens_matches_reference(fam, share):
 
     model = tiny(fam)
     ad = get_adapter(model)
-    grid = ad.vision_grid()
+    grid = tower(model)
     batch = make_batch(fam, model, (1, 2))
     maps, _, _ = _vision_capture(model, batch.inputs)
     keys = []
@@ -559,7 +568,7 @@ def test_visionzip_on_llm_tokens_matches_reference(fam, share):
     feats = []
     capture = _feature_capture(orig, feats)
     # keys of the feature layer only: route just that module to the tap
-    feat_mod = ad.vision_attention_modules()[grid.feature_layer]
+    feat_mod = vision_attention(model)[grid.feature_layer]
     base.get_image_features = capture
     model.set_attn_implementation({"vision_config": "refkeys"})
     try:
@@ -751,13 +760,12 @@ def test_bf16_selection_equals_fp32_reference_where_the_margin_allows(meth, fam,
     keeps, at the budget with the largest fp32 margin (asserted to clear the bf16 error). Two same-size images, one
     crop each. visionzip with dominant_share=1: the top-k by CLS attention (LLaVA) or by mean attention received;
     hiprune with alpha=0 (registers only) and alpha=1 (anchors and buffers first)."""
-    from vlmplug.adapters import get_adapter
     from vlmplug.testing.tiny import _default_sizes
 
     ref_model = tiny(fam)
     size = _default_sizes(fam)[0]
     batch = make_batch(fam, ref_model, (1, 1), image_sizes=[[size], [size]])
-    grid = get_adapter(ref_model).vision_grid()
+    grid = tower(ref_model)
     maps, _, _ = _vision_capture(ref_model, batch.inputs)
     feat = maps[grid.feature_layer]
     assert len(feat) == 2, "one crop per image"
