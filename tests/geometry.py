@@ -34,13 +34,21 @@ def tower(model) -> SimpleNamespace:
         L = int(vc.num_hidden_layers)
         # LLaVA / InternVL: hidden_states[vision_feature_layer]; hidden_states[i] is the output of layer i - 1
         # (hidden_states[0]: the embeddings), so a negative index -j is layer L - j
-        hs = lambda: int(cfg.vision_feature_layer) % (L + 1) - 1  # noqa: E731
-        if mt == "llava":  # CLIP: CLS first, dropped from the features by the "default" strategy
-            geo = dict(cls=True, F=hs(), L=L, pool=1, merge=0, packed=False)
-        elif mt == "llava_next":  # CLIP crops
-            geo = dict(cls=True, F=hs(), L=L, pool=1, merge=0, packed=True)
-        elif mt == "llava_onevision":  # SigLIP crops: no CLS
-            geo = dict(cls=False, F=hs(), L=L, pool=1, merge=0, packed=True)
+        def hs():
+            vfl = cfg.vision_feature_layer
+            if not isinstance(vfl, int):
+                raise AssertionError(f"reference geometry: one feature layer only, not {vfl!r}")
+            return vfl % (L + 1) - 1
+
+        # CLS: CLIP and InternViT put one first; the "default" strategy drops it from the features, "full" keeps it
+        # as an LLM token (not covered here), and SigLIP has none, so its checkpoints use "full"
+        has_cls = vc.model_type in ("clip_vision_model", "internvl_vision")
+        if mt in ("llava", "llava_next", "llava_onevision", "internvl"):
+            strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+            if strategy != ("default" if has_cls else "full"):
+                raise AssertionError(f"reference geometry: {vc.model_type} with strategy {strategy!r} not covered")
+        if mt in ("llava", "llava_next", "llava_onevision"):  # CLIP or SigLIP crops; NeXT / OneVision pack them
+            geo = dict(cls=has_cls, F=hs(), L=L, pool=1, merge=0, packed=mt != "llava")
         elif mt in ("idefics3", "smolvlm"):  # SigLIP, last layer, pixel shuffle by scale_factor
             geo = dict(cls=False, F=L - 1, L=L, pool=int(cfg.scale_factor), merge=0, packed=False)
         elif mt == "gemma3":  # SigLIP, last layer, average pooling to mm_tokens_per_image
@@ -48,7 +56,7 @@ def tower(model) -> SimpleNamespace:
             geo = dict(cls=False, F=L - 1, L=L, pool=side // math.isqrt(int(cfg.mm_tokens_per_image)), merge=0,
                        packed=False)
         elif mt == "internvl":  # InternViT: CLS first; pixel shuffle by 1 / downsample_ratio
-            geo = dict(cls=True, F=hs(), L=L, pool=int(round(1 / float(cfg.downsample_ratio))), merge=0,
+            geo = dict(cls=has_cls, F=hs(), L=L, pool=int(round(1 / float(cfg.downsample_ratio))), merge=0,
                        packed=False)
     if geo is None:
         raise AssertionError(f"no reference geometry for {mt}")
@@ -139,3 +147,13 @@ def perturb_output(module, delta: torch.Tensor):
         return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
 
     return module.register_forward_hook(hook)
+
+
+def checked_samples(layout, batch):
+    """`layout.samples` (vlmplug's layout of `batch`), after checking that every image's token positions equal the
+    batch's ground truth (built with the batch, not located by vlmplug): a reference that then reads positions or
+    crop maps from these images reads the true ones."""
+    assert len(layout.samples) == len(batch.truth)
+    for s, truth in zip(layout.samples, batch.truth):
+        assert [im.positions.tolist() for im in s.images] == [list(t.positions) for t in truth]
+    return layout.samples

@@ -25,7 +25,7 @@ import torch
 
 import vlmplug
 from conftest import tiny
-from geometry import groups, tower, vision_layers
+from geometry import checked_samples, groups, tower, vision_layers
 from reference import masked_eager_attention, register_reference, split_by_weight
 from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
@@ -283,13 +283,14 @@ def _check_end_to_end(fam, layers, kw, sizes, rules):
         g = model.generate(**batch.inputs, **GEN)
         lay = h.layout
         alive = [_alive(h, b) for b in range(2)]
-        method = h.session.methods[0]
     mk = lambda: RefFlowCut(model, kw.get("keep_ratio"), kw.get("keep_tokens"), rules=rules)  # noqa: E731
     ref = mk()
     _run_ref(model, batch.inputs, ref)
     assert stats["vision_tokens_per_layer"] == [ref.tokens_per_layer[i] for i in sorted(ref.tokens_per_layer)]
-    images = [(b, im) for b, s in enumerate(lay.samples) for im in s.images]
-    sels = ref.image_selection([int(im.positions.numel()) for _, im in images], method.image_budget)
+    images = [(b, im) for b, s in enumerate(checked_samples(lay, batch)) for im in s.images]
+    # the budget rule written out: keep_tokens, capped at the image's tokens, or round(n * keep_ratio)
+    budget_of = (lambda n: min(n, kw["keep_tokens"])) if "keep_tokens" in kw else (lambda n: round(n * kw["keep_ratio"]))
+    sels = ref.image_selection([int(im.positions.numel()) for _, im in images], budget_of)
     dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
     for (b, im), sel in zip(images, sels):
         got = sorted(torch.nonzero(torch.isin(im.positions, alive[b])).flatten().tolist())
@@ -542,7 +543,7 @@ def test_flowcut_packed_matches_reference(fam, variant):
         g = model.generate(**batch.inputs, **GEN)
         lay = h.layout
         alive = [_alive(h, b) for b in range(2)]
-    images = [(b, im) for b, s in enumerate(lay.samples) for im in s.images]
+    images = [(b, im) for b, s in enumerate(checked_samples(lay, batch)) for im in s.images]
     plans, maps = [], []
     for _, im in images:
         n_crops, crop, patch = ad.crop_token_map(im)

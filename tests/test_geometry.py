@@ -15,7 +15,8 @@ from reference import register_reference
 from vlmplug.testing.tiny import FAMILIES, make_batch
 
 _DEEPER: dict = {}
-CASES = list(FAMILIES) + ["llava@3,-2", "internvl@3,-2", "llava_next@3,-3", "qwen2_vl@3,None", "gemma3@3,None"]
+CASES = list(FAMILIES) + ["llava@3,-2", "internvl@3,-2", "llava_next@3,-3", "llava_onevision@3,-2", "qwen2_vl@3,None",
+                          "gemma3@3,None"]
 
 
 def _model(case):
@@ -142,3 +143,4 @@ def test_adapter_vision_grid_agrees_with_the_reference_geometry(case):
     want = dict(cls=geo.cls, feature_layer=geo.F, num_layers=geo.L, merge=geo.merge, packed=geo.packed,
                 windowed=geo.windowed, pool=geo.pool)
     assert got == want
+    assert get_adapter(model).vision_attention_modules() == vision_attention(model)

@@ -14,7 +14,7 @@ import torch
 
 import vlmplug
 from conftest import tiny
-from geometry import deeper, groups, qwen_widths, tower, vision_attention, window_order
+from geometry import checked_samples, deeper, groups, qwen_widths, tower, vision_attention, window_order
 from reference import eager_softmax, masked_eager_attention, register_reference, split_by_weight
 from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
@@ -153,7 +153,7 @@ def test_hiprune_matches_reference(fam):
         alive = [_alive(h, b) for b in range(2)]
     crop, image = 0, 0
     dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
-    for b, s in enumerate(lay.samples):
+    for b, s in enumerate(checked_samples(lay, batch)):
         for im in s.images:
             image += 1
             n = im.positions.numel()
@@ -161,6 +161,7 @@ def test_hiprune_matches_reference(fam):
             while covered < n:
                 sizes.append(obj[crop + len(sizes)].numel())
                 covered += sizes[-1]
+            assert covered == n, "the crops' tokens cover the image exactly"
             crops = len(sizes)
             k_total = int(round(n * ratio))
             ref, off = [], 0
@@ -235,8 +236,9 @@ def test_visionzip_matches_reference_end_to_end(share, fam):
         g = model.generate(**batch.inputs, **GEN)
         lay = h.layout
         alive = [_alive(h, b) for b in range(2)]
-    images = [(b, im) for b, s in enumerate(lay.samples) for im in s.images]
+    images = [(b, im) for b, s in enumerate(checked_samples(lay, batch)) for im in s.images]
     dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
+    assert len(images) == len(refs)
     for (b, im), (ref_keep, _) in zip(images, refs):
         got = sorted(torch.nonzero(torch.isin(im.positions, alive[b])).flatten().tolist())
         assert got == ref_keep
@@ -450,7 +452,7 @@ def test_hiprune_packed_matches_reference(fam):
         alive = [_alive(h, b) for b in range(2)]
     dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
     crop0 = 0
-    for b, s in enumerate(lay.samples):
+    for b, s in enumerate(checked_samples(lay, batch)):
         for im in s.images:
             n_crops, crop, patch = ad.crop_token_map(im)
             n = im.positions.numel()
@@ -505,7 +507,7 @@ def test_visionzip_llava_next_matches_reference():
     merged = hidden.clone()
     dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
     c0 = 0
-    for b, s in enumerate(lay.samples):
+    for b, s in enumerate(checked_samples(lay, batch)):
         for im in s.images:
             n_crops, crop, patch = ad.crop_token_map(im)
             counts = [int((crop == c).sum()) for c in range(n_crops)]
@@ -595,7 +597,7 @@ def test_visionzip_on_llm_tokens_matches_reference(fam, share):
     merged = x_all.clone()
     dropped = torch.zeros(2, batch.inputs["input_ids"].shape[1], dtype=torch.bool)
     row0, c0 = 0, 0
-    for b, s in enumerate(lay.samples):
+    for b, s in enumerate(checked_samples(lay, batch)):
         for im in s.images:
             n = im.positions.numel()
             k_total = int(round(n * ratio))
@@ -788,5 +790,5 @@ def test_bf16_selection_equals_fp32_reference_where_the_margin_allows(meth, fam,
         model(**inputs)
         lay = h.layout
         got = [sorted(torch.nonzero(torch.isin(s.images[0].positions, _alive(h, b))).flatten().tolist())
-               for b, s in enumerate(lay.samples)]
+               for b, s in enumerate(checked_samples(lay, batch))]
     assert got == refs(k)
