@@ -126,27 +126,53 @@ def window_order(model, inputs):
     return order.long(), [int(t * h * w) // m for t, h, w in thw.tolist()]
 
 
+_DEEPER: dict = {}
+
+
 def deeper(family: str, layers: int = 3, feature_layer: int | None = -2):
-    """A tiny model whose vision tower has `layers` layers and (LLaVA-style families) reads the features from
+    """A cached tiny model whose vision tower has `layers` layers and (LLaVA-style families) reads the features from
     `vision_feature_layer` = `feature_layer`, so F is neither the first nor the last layer: a reference that reads
-    the wrong layer disagrees."""
+    the wrong layer disagrees. Like conftest's `tiny`, a patch a failed test left behind is removed."""
     from vlmplug.testing.tiny import build_tiny_model
 
-    m = build_tiny_model(family, vision_layers=layers, seed=5)
-    if feature_layer is not None and hasattr(m.config, "vision_feature_layer"):
-        m.config.vision_feature_layer = feature_layer
+    key = (family, layers, feature_layer)
+    if key not in _DEEPER:
+        m = build_tiny_model(family, vision_layers=layers, seed=5)
+        if feature_layer is not None and hasattr(m.config, "vision_feature_layer"):
+            m.config.vision_feature_layer = feature_layer
+        _DEEPER[key] = m
+    m = _DEEPER[key]
+    h = m.__dict__.get("_vlmplug_handle")
+    if h is not None:
+        h.remove()
     return m
 
 
-def perturb_output(module, delta: torch.Tensor):
-    """A forward hook adding `delta` to every token of `module`'s output (tuple or tensor)."""
+def perturb_output(module, scale: float, seed: int):
+    """A forward hook adding one seeded random vector (times `scale`, as wide as the output) to every token of
+    `module`'s output (tuple or tensor)."""
 
     def hook(mod, args, out):
         o = out[0] if isinstance(out, tuple) else out
+        delta = scale * torch.randn(o.shape[-1], generator=torch.Generator().manual_seed(seed))
         o = o + delta.to(o.dtype)
         return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
 
     return module.register_forward_hook(hook)
+
+
+def feature_capture(orig, feats: list):
+    """A stand-in for the model's `get_image_features` (`orig`) that appends its projected features, flattened to
+    [rows, D] in token order (per-image lists concatenated), to `feats`."""
+
+    def capture(*a, **k):
+        out = orig(*a, **k)
+        p = out.pooler_output
+        feats.append(torch.cat([t.reshape(-1, t.shape[-1]) for t in p]) if isinstance(p, (list, tuple))
+                     else p.reshape(-1, p.shape[-1]))
+        return out
+
+    return capture
 
 
 def checked_samples(layout, batch):

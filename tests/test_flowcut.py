@@ -17,7 +17,6 @@ a CLIP tower: the key mask the backend uses gives the survivors exactly what a t
 computes."""
 import dataclasses
 import math
-import re
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +24,7 @@ import torch
 
 import vlmplug
 from conftest import tiny
-from geometry import checked_samples, groups, tower, vision_layers
+from geometry import checked_samples, groups, tower, vision_attention, vision_layers
 from reference import masked_eager_attention, register_reference, split_by_weight
 from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
@@ -223,9 +222,7 @@ def deep(fam: str, layers: int = 6):
     if fam not in _DEEP:
         m = build_tiny_model(fam, vision_layers=layers, seed=3)
         with torch.no_grad():
-            for name, mod in m.named_modules():
-                if not re.search(r"(vision|visual).*\.(layers|layer|blocks)\.\d+\.(self_attn|attention|attn)$", name):
-                    continue
+            for mod in vision_attention(m):
                 if hasattr(mod, "qkv"):
                     w = mod.qkv.weight
                     d = w.shape[0] // 3

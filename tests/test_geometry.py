@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from conftest import tiny
-from geometry import deeper, groups, perturb_output, tower, vision_attention, vision_blocks
-from reference import register_reference
+from geometry import deeper, feature_capture, groups, perturb_output, tower, vision_attention, vision_blocks
+from reference import eager_softmax, register_reference
 from vlmplug.testing.tiny import FAMILIES, make_batch
 
-_DEEPER: dict = {}
 CASES = list(FAMILIES) + ["llava@3,-2", "internvl@3,-2", "llava_next@3,-3", "llava_onevision@3,-2", "qwen2_vl@3,None",
                           "gemma3@3,None"]
 
@@ -24,26 +23,15 @@ def _model(case):
         return case, tiny(case)
     fam, spec = case.split("@")
     layers, fl = spec.split(",")
-    if case not in _DEEPER:
-        _DEEPER[case] = deeper(fam, layers=int(layers), feature_layer=None if fl == "None" else int(fl))
-    return fam, _DEEPER[case]
+    return fam, deeper(fam, layers=int(layers), feature_layer=None if fl == "None" else int(fl))
 
 
 def _features(model, inputs):
     """The projected image features of a forward on `inputs`, [rows, D] in token order (read from the model's own
     `get_image_features`, called by its forward with the arguments it passes)."""
     base = model.base_model
-    orig = base.get_image_features
     got = []
-
-    def capture(*a, **k):
-        out = orig(*a, **k)
-        p = out.pooler_output
-        got.append(torch.cat([t.reshape(-1, t.shape[-1]) for t in p]) if isinstance(p, (list, tuple))
-                   else p.reshape(-1, p.shape[-1]))
-        return out
-
-    base.get_image_features = capture
+    base.get_image_features = feature_capture(base.get_image_features, got)
     try:
         with torch.no_grad():
             model(**inputs)
@@ -65,23 +53,12 @@ def test_feature_layer_is_the_last_layer_that_moves_the_features(case):
     for i, mod in enumerate(attn):
         # inside layer i (its attention output), so the layer's own output carries it: transformers records
         # hidden_states with hooks of its own, which a hook on the layer's output would run after
-        h = perturb_output(mod, 3.0 * torch.randn(_width(mod, model, batch), generator=torch.Generator().manual_seed(i)))
+        h = perturb_output(mod, 3.0, seed=i)
         try:
             moved.append(bool(((_features(model, batch.inputs) - ref).abs().amax() > 1e-4).item()))
         finally:
             h.remove()
     assert moved == [i <= geo.F for i in range(geo.L)], (moved, geo.F)
-
-
-def _width(module, model, batch):
-    """Width of a vision module's output (read from one call)."""
-    seen = []
-    h = module.register_forward_hook(lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).shape[-1]))
-    try:
-        _features(model, batch.inputs)
-    finally:
-        h.remove()
-    return seen[0]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -96,11 +73,7 @@ def test_sequence_and_token_counts_follow_the_hand_built_layout(case):
     def fn(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kw):
         if module is first:
             seqs.append((q.shape[0], k.shape[2]))
-        a = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * (scaling or q.shape[-1] ** -0.5)
-        if attention_mask is not None:
-            a = a.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
-                else a + attention_mask.double()
-        a = torch.softmax(a, -1)
+        a = eager_softmax(module, q, k, attention_mask, scaling, dict(kw, is_causal=False))
         return (a @ v.double()).to(q.dtype).transpose(1, 2).contiguous(), None
 
     first = vision_attention(model)[0]

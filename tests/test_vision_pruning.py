@@ -14,26 +14,18 @@ import torch
 
 import vlmplug
 from conftest import tiny
-from geometry import checked_samples, deeper, groups, qwen_widths, tower, vision_attention, window_order
+from geometry import (checked_samples, deeper, feature_capture, groups, qwen_widths, tower, vision_attention,
+                      window_order)
 from reference import eager_softmax, masked_eager_attention, register_reference, split_by_weight
 from vlmplug.testing.tiny import build_tiny_model, make_batch, split_batch
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
 HIPRUNE_FAMS = ["llava", "llava_deep", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"]
-_DEEPER: dict = {}
 
 
 def _model(name):
     """(family, model): the cached tiny model, or for "llava_deep" the 3-layer LLaVA reading layer 1."""
-    if name != "llava_deep":
-        return name, tiny(name)
-    if name not in _DEEPER:
-        _DEEPER[name] = deeper("llava", layers=3, feature_layer=-2)
-    m = _DEEPER[name]
-    h = m.__dict__.get("_vlmplug_handle")
-    if h is not None:
-        h.remove()
-    return "llava", m
+    return ("llava", deeper("llava", layers=3, feature_layer=-2)) if name == "llava_deep" else (name, tiny(name))
 
 
 def _vision_capture(model, inputs):
@@ -64,19 +56,6 @@ def _vision_capture(model, inputs):
     # per vision layer: one entry per crop, [H, S, S] (Qwen's tower attends per image: variable S)
     per_crop = [[a for call in maps[id(m)] for a in call] for m in mods]
     return per_crop, [torch.cat(keys[id(m)]) if len({k.shape for k in keys[id(m)]}) == 1 else None for m in mods], proj_in
-
-
-def _feature_capture(orig, feats):
-    """A stand-in for `get_image_features` that appends its projected features, flattened to [rows, D] in token
-    order (per-image lists concatenated), to `feats`."""
-
-    def capture(*a, **k):
-        out = orig(*a, **k)
-        p = out.pooler_output
-        feats.append(torch.cat([t.reshape(-1, t.shape[-1]) for t in p]) if isinstance(p, (list, tuple)) else p.reshape(-1, p.shape[-1]))
-        return out
-
-    return capture
 
 
 def _window_order(model, batch):
@@ -360,7 +339,7 @@ def test_vision_grid_maps_patches_to_their_llm_tokens(fam):
             return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
         return None
 
-    capture = _feature_capture(orig, feats)
+    capture = feature_capture(orig, feats)
 
     with vlmplug.apply(model, "record") as rec, torch.no_grad():  # the layout, for the packed maps
         model(**batch.inputs)
@@ -568,7 +547,7 @@ def test_visionzip_on_llm_tokens_matches_reference(fam, share):
     base = model.base_model
     orig = base.get_image_features
     feats = []
-    capture = _feature_capture(orig, feats)
+    capture = feature_capture(orig, feats)
     # keys of the feature layer only: route just that module to the tap
     feat_mod = vision_attention(model)[grid.feature_layer]
     base.get_image_features = capture
